@@ -1,0 +1,72 @@
+"""CLI: python -m mergekit_ops RECIPE.yml OUT_DIR — a drop-in for `mergekit-yaml`."""
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+
+SIZE_UNITS = {"": 1, "K": 10**3, "M": 10**6, "G": 10**9, "B": 10**9, "T": 10**12,
+              "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+
+
+def parse_size(text: str) -> int:
+    """Bytes from '5GB', '500MB', '2GiB', '5B' (mergekit's 'B' = billion) or a plain number."""
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", text)
+    if not m or m.group(2).upper() not in SIZE_UNITS:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (examples: 5GB, 500MB, 2GiB)")
+    return int(float(m.group(1)) * SIZE_UNITS[m.group(2).upper()])
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m mergekit_ops",
+        description="Merge safetensors checkpoints as a mergekit YAML recipe describes. "
+                    "Multi-document recipes build every named document first; the last (or unnamed) one "
+                    "is written to OUT_DIR.")
+    p.add_argument("recipe", metavar="RECIPE.yml")
+    p.add_argument("out_dir", metavar="OUT_DIR")
+    p.add_argument("--device", default="cpu", help="where the math runs: cpu (default) or cuda")
+    p.add_argument("--cuda", action="store_const", const="cuda", dest="device", help="same as --device cuda")
+    p.add_argument("--seed", "--random-seed", type=int, default=0,
+                   help="seed of the random methods (dare_*, della*); default 0")
+    p.add_argument("--out-shard-size", type=parse_size, default="5GB", help="maximum bytes per output file")
+    p.add_argument("--compute-dtype", choices=("float32", "float64", "bfloat16", "float16"), default="float32",
+                   help="dtype of the arithmetic (inputs are first rounded to the recipe's dtype)")
+    p.add_argument("--allow-crimes", action="store_true", help="merge models of different architectures")
+    p.add_argument("--allow-pickle", action="store_true",
+                   help="read .bin/.pt weights (torch.load with weights_only=True); refused by default")
+    p.add_argument("--no-copy-tokenizer", dest="copy_tokenizer", action="store_false")
+    p.add_argument("--intermediate-dir", help="keep the outputs of earlier documents of a multi-document recipe here")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    import torch
+
+    from .engine import MergeOptions, merge_file
+    from .errors import MergeError
+    from .progress import ProgressBar
+
+    bar = None if args.quiet else ProgressBar()
+    options = MergeOptions(
+        device=args.device, seed=args.seed, out_shard_size=args.out_shard_size,
+        compute_dtype=getattr(torch, args.compute_dtype), allow_crimes=args.allow_crimes,
+        allow_pickle=args.allow_pickle, copy_tokenizer=args.copy_tokenizer, progress=bar,
+    )
+    try:
+        out = merge_file(args.recipe, args.out_dir, options, args.intermediate_dir)
+    except MergeError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        if bar:
+            bar.close()
+    if not args.quiet:
+        print(f"merged model written to {out}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,213 @@
+"""Streaming executor: read the next tensors while merging the current one, write as we go.
+
+Memory is bounded by the inputs of the tensors in flight (a byte budget of read-ahead) plus the
+one being merged; output tensors stream straight into pre-planned shard files. The output
+directory appears only when complete: everything is written to a temporary sibling first.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from .checkpoint import Checkpoint
+from .errors import MergeError
+from .files import write_side_files
+from .methods.base import TensorJob
+from .plan import MergePlan, TensorTask, build_plan
+from .recipe import Recipe, load_recipes
+from .safetensors_io import ShardWriter, plan_shards, read_tensor, tensor_nbytes
+
+
+@dataclass
+class MergeOptions:
+    """How to run a merge; none of these change the result except `seed`."""
+
+    device: str = "cpu"
+    seed: int = 0
+    out_shard_size: int = 5 * 10**9
+    allow_pickle: bool = False
+    allow_crimes: bool = False
+    copy_tokenizer: bool = True
+    compute_dtype: torch.dtype = torch.float32
+    read_ahead_bytes: int = 512 * 2**20
+    progress: Callable[[int, int, int], None] | None = None  # (tensors done, total, bytes written)
+
+
+def merge_file(recipe_path: str | Path, out_dir: str | Path, options: MergeOptions | None = None,
+               intermediate_dir: str | Path | None = None) -> Path:
+    """Run a (possibly multi-document) recipe file; the final document is written to out_dir.
+
+    Named documents are built first, in dependency order, into intermediate_dir/<name> (default: a
+    temporary directory beside out_dir, removed afterwards); others name them as models.
+    """
+    recipes = load_recipes(recipe_path)
+    out_dir = Path(out_dir)
+    base_dir = Path(recipe_path).resolve().parent
+    if len(recipes) == 1:
+        return merge(recipes[0], out_dir, options, base_dir)
+    keep = intermediate_dir is not None
+    work = Path(intermediate_dir) if keep else out_dir.parent / f".{out_dir.name}.intermediates-{os.getpid()}"
+    work.mkdir(parents=True, exist_ok=True)
+    try:
+        built: dict[str, str] = {}
+        for recipe in recipes:
+            _rename_models(recipe, built)
+            target = out_dir if recipe is recipes[-1] else work / recipe.name
+            merge(recipe, target, options, base_dir)
+            if recipe.name:
+                built[recipe.name] = str(target.resolve())
+    finally:
+        if not keep:
+            shutil.rmtree(work, ignore_errors=True)
+    return out_dir
+
+
+def _rename_models(recipe: Recipe, built: dict[str, str]) -> None:
+    for source in (recipe.models or []) + [s for sl in recipe.slices or [] for s in sl.sources]:
+        source.model = built.get(source.model, source.model)
+    recipe.base_model = built.get(recipe.base_model, recipe.base_model)
+    for sl in recipe.slices or []:
+        sl.base_model = built.get(sl.base_model, sl.base_model)
+
+
+def merge(recipe: Recipe | str | Path, out_dir: str | Path, options: MergeOptions | None = None,
+          base_dir: Path | None = None) -> Path:
+    """Merge one recipe into out_dir (replaced atomically). Returns out_dir."""
+    if not isinstance(recipe, Recipe):
+        return merge_file(recipe, out_dir, options)
+    options = options or MergeOptions()
+    checkpoints = {ref: Checkpoint.open(ref, base_dir, options.allow_pickle) for ref in recipe.model_refs()}
+    plan = build_plan(recipe, checkpoints, options.allow_crimes)
+    return execute(plan, Path(out_dir), options)
+
+
+def execute(plan: MergePlan, out_dir: Path, options: MergeOptions) -> Path:
+    device = torch.device(options.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise MergeError("device 'cuda' was asked for, but torch sees no CUDA device")
+    out_dir = out_dir.absolute()
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    writer = ShardWriter(tmp, plan_shards([(t.name, t.out_dtype, t.shape) for t in plan.tasks],
+                                          options.out_shard_size))
+    try:
+        write_side_files(plan, tmp, options.copy_tokenizer)
+        _run(plan, writer, device, options)
+        writer.close()
+        _replace_dir(tmp, out_dir)
+    except BaseException:
+        writer.abort()
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def _replace_dir(tmp: Path, out_dir: Path) -> None:
+    """Swap the finished temp dir in; an old output is moved aside first, then removed."""
+    old = None
+    if out_dir.exists() or out_dir.is_symlink():
+        old = out_dir.parent / f".{out_dir.name}.old-{os.getpid()}"
+        os.replace(out_dir, old)
+    os.replace(tmp, out_dir)
+    if old is not None:
+        if old.is_dir() and not old.is_symlink():
+            shutil.rmtree(old)
+        else:
+            old.unlink()
+
+
+class _Reader:
+    """Reads a task's input tensors; keeps one descriptor per file open."""
+
+    def __init__(self, checkpoints: list[Checkpoint]):
+        self.checkpoints = checkpoints
+        self.fds: dict[Path, int] = {}
+
+    def read(self, idx: int, name: str) -> torch.Tensor:
+        ckpt = self.checkpoints[idx]
+        if ckpt.pickle_state is not None:
+            return ckpt.read(name)
+        info = ckpt.tensors[name]
+        fd = self.fds.get(info.path)
+        if fd is None:
+            fd = self.fds[info.path] = os.open(info.path, os.O_RDONLY)
+        return read_tensor(info, fd)
+
+    def load(self, task: TensorTask) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+        inputs = [self.read(i, n) for i, n in task.inputs]
+        base = self.read(*task.base) if task.base else None
+        return inputs, base
+
+    def close(self) -> None:
+        for fd in self.fds.values():
+            os.close(fd)
+        self.fds.clear()
+
+
+def _task_bytes(plan: MergePlan, task: TensorTask) -> int:
+    refs = task.inputs + ([task.base] if task.base else [])
+    return sum(plan.checkpoints[i].tensors[n].nbytes for i, n in refs)
+
+
+def _run(plan: MergePlan, writer: ShardWriter, device: torch.device, options: MergeOptions) -> None:
+    reader = _Reader(plan.checkpoints)
+    pending: deque = deque()
+    written = 0
+    tasks = plan.tasks
+    nxt = 0
+    try:
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="mergekit-read") as pool:
+            for done, task in enumerate(tasks):
+                in_flight = sum(b for _, b in pending)
+                while nxt < len(tasks) and (not pending or nxt == done or in_flight < options.read_ahead_bytes):
+                    b = _task_bytes(plan, tasks[nxt])
+                    pending.append((pool.submit(reader.load, tasks[nxt]), b))
+                    in_flight += b
+                    nxt += 1
+                future, _ = pending.popleft()
+                inputs, base = future.result()
+                out = merge_task(plan, task, inputs, base, device, options)
+                writer.write(task.name, out)
+                written += tensor_nbytes(task.out_dtype, task.shape)
+                if options.progress:
+                    options.progress(done + 1, len(tasks), written)
+    finally:
+        reader.close()
+
+
+def merge_task(plan: MergePlan, task: TensorTask, inputs: list[torch.Tensor], base: torch.Tensor | None,
+               device: torch.device, options: MergeOptions) -> torch.Tensor:
+    """Merge one tensor: round inputs to the recipe dtype, compute in options.compute_dtype on the
+    device, check the result is finite, cast to the output dtype."""
+    if task.copy:
+        first = inputs[0]
+        for (idx, _), other in zip(task.inputs[1:], inputs[1:]):
+            if not torch.equal(first, other):
+                raise MergeError(f"tensor '{task.name}' is not floating point and differs between "
+                                 f"'{plan.checkpoints[task.inputs[0][0]].ref}' and '{plan.checkpoints[idx].ref}'")
+        return first
+
+    def prepare(x: torch.Tensor) -> torch.Tensor:
+        x = x.to(device)
+        if plan.load_dtype is not None:
+            x = x.to(plan.load_dtype)
+        return x.to(options.compute_dtype)
+
+    job = TensorJob(
+        name=task.name, tensors=[prepare(x) for x in inputs], base=prepare(base) if base is not None else None,
+        model_params=task.model_params, params=task.params, seed=options.seed, layer_t=task.layer_t,
+    )
+    out = plan.recipe.method.merge(job)
+    if not torch.isfinite(out).all():
+        raise MergeError(f"tensor '{task.name}': the merge produced NaN or Inf "
+                         f"(method {plan.recipe.method.name}, parameters {task.params}, per model {task.model_params})")
+    return out.to(device="cpu", dtype=task.out_dtype)

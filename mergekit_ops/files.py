@@ -1,0 +1,56 @@
+"""The non-weight files of a merged model: config, generation config, tokenizer, chat template."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+from .errors import RecipeError
+from .plan import MergePlan, output_config
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                   "vocab.json", "merges.txt", "vocab.txt", "added_tokens.json", "chat_template.jinja")
+CHAT_TEMPLATES = {
+    "chatml": ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + message['content']"
+               " + '<|im_end|>' + '\\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}"
+               "{% endif %}"),
+}
+
+
+def write_side_files(plan: MergePlan, out: Path, copy_tokenizer: bool = True) -> None:
+    """Write config.json (rewritten for slices) and copy generation/tokenizer files from their donor."""
+    (out / "config.json").write_text(json.dumps(output_config(plan), indent=2, sort_keys=True) + "\n")
+    ref_dir = plan.checkpoints[plan.reference].path
+    if (ref_dir / "generation_config.json").is_file():
+        shutil.copyfile(ref_dir / "generation_config.json", out / "generation_config.json")
+    if not copy_tokenizer:
+        return
+    donor = _tokenizer_donor(plan)
+    for name in TOKENIZER_FILES:
+        if (donor / name).is_file():
+            shutil.copyfile(donor / name, out / name)
+    if plan.recipe.chat_template:
+        _set_chat_template(plan, out)
+
+
+def _tokenizer_donor(plan: MergePlan) -> Path:
+    source = plan.recipe.tokenizer_source
+    if source in (None, "base"):
+        return plan.checkpoints[plan.reference].path
+    ref = source.removeprefix("model:")
+    for ckpt in plan.checkpoints:
+        if ckpt.ref == ref:
+            return ckpt.path
+    raise RecipeError(f"'{ref}' is not one of the recipe's models", plan.recipe.source, "tokenizer_source")
+
+
+def _set_chat_template(plan: MergePlan, out: Path) -> None:
+    value = plan.recipe.chat_template
+    template = CHAT_TEMPLATES.get(value, value)
+    if "{{" not in template and "{%" not in template:
+        raise RecipeError(f"'{value}' is neither a Jinja template nor a known name ({', '.join(CHAT_TEMPLATES)})",
+                          plan.recipe.source, "chat_template")
+    path = out / "tokenizer_config.json"
+    config = json.loads(path.read_text()) if path.is_file() else {}
+    config["chat_template"] = template
+    path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")

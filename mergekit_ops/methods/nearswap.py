@@ -1,0 +1,20 @@
+"""nearswap: take the other model's value where it is near the base, keep the base elsewhere."""
+from __future__ import annotations
+
+import torch
+
+from .base import Method, Param, TensorJob
+
+
+def merge_nearswap(job: TensorJob) -> torch.Tensor:
+    base, other = job.base, job.tensors[0]
+    w = (job.params["t"] / (base - other).abs().clamp_min(1e-6)).clamp_(0, 1)
+    return w * other + (1 - w) * base
+
+
+METHOD = Method(
+    "nearswap", merge_nearswap,
+    params=(Param("t", kind=float),),
+    base="required", min_models=1, max_models=1,
+    doc="Interpolate towards the other model by clamp(t / |base - x|, 0, 1) per element.",
+)

@@ -1,0 +1,32 @@
+"""sce: select high-variance positions, calculate per-model weights, erase minority signs."""
+from __future__ import annotations
+
+import torch
+
+from ..select import top_k_mask
+from .base import Method, Param, TensorJob, in_range
+
+
+def merge_sce(job: TensorJob) -> torch.Tensor:
+    base = job.base
+    deltas = torch.stack([x - base for x in job.tensors])
+    topk = job.params["select_topk"]
+    if topk < 1:
+        var = deltas.var(dim=0, unbiased=False)
+        k = int(int(torch.count_nonzero(var)) * topk)
+        deltas = deltas * top_k_mask(var, k)
+    energy = (deltas ** 2).mean(dim=tuple(range(1, deltas.dim())))
+    total = float(energy.sum())
+    weights = energy / total if total >= 1e-6 else torch.full_like(energy, 1.0 / len(job.tensors))
+    majority = torch.where(deltas.sum(0) >= 0, 1.0, -1.0).to(deltas.dtype)
+    agree = deltas.sign() == majority
+    w = weights.reshape(-1, *([1] * (deltas.dim() - 1))) * agree
+    return base + (w * deltas).sum(0) / w.sum(0).clamp_min(1e-6)
+
+
+METHOD = Method(
+    "sce", merge_sce,
+    params=(Param("select_topk", 1.0, float, check=in_range(0.0, 1.0)), Param("int8_mask", False, bool)),
+    base="required", min_models=1,
+    doc="SCE: keep the select_topk share of highest-variance positions, energy weights, TIES sign mask.",
+)

@@ -1,0 +1,115 @@
+"""Spherical means beyond two-model slerp: nuslerp, multislerp and karcher."""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..errors import MergeError
+from .base import Method, Param, TensorJob
+
+
+def _pairwise_slerp(t: float, v0: torch.Tensor, v1: torch.Tensor) -> torch.Tensor:
+    """Slerp of each vector along the last dim; colinear vectors (1 - cos^2 <= 1e-16) are lerped."""
+    u0 = v0 / v0.norm(dim=-1, keepdim=True).clamp_min(1e-7)
+    u1 = v1 / v1.norm(dim=-1, keepdim=True).clamp_min(1e-7)
+    cos = (u0 * u1).sum(-1, keepdim=True).clamp(-1, 1)
+    theta = cos.acos()
+    sin = theta.sin()
+    colinear = (1 - cos * cos) <= 1e-16
+    safe = torch.where(colinear, torch.ones_like(sin), sin)
+    slerped = ((theta * (1 - t)).sin() * v0 + (theta * t).sin() * v1) / safe
+    return torch.where(colinear, (1 - t) * v0 + t * v1, slerped)
+
+
+def merge_nuslerp(job: TensorJob) -> torch.Tensor:
+    """Two models, t = w1 / (w0 + w1); with a base, slerp the task vectors and add the base back."""
+    w0, w1 = (p["weight"] for p in job.model_params)
+    t = w1 / (w0 + w1) if abs(w0 + w1) >= 1e-6 else 0.5
+    v0, v1 = job.tensors
+    if job.base is not None:
+        v0, v1 = v0 - job.base, v1 - job.base
+    shape = v0.shape
+    if job.params["nuslerp_flatten"]:
+        out = _pairwise_slerp(t, v0.reshape(-1), v1.reshape(-1))
+    elif job.params["nuslerp_row_wise"] and v0.dim() > 1:
+        out = _pairwise_slerp(t, v0.transpose(0, -1), v1.transpose(0, -1)).transpose(0, -1)
+    else:
+        out = _pairwise_slerp(t, v0, v1)
+    out = out.reshape(shape)
+    return out + job.base if job.base is not None else out
+
+
+def merge_multislerp(job: TensorJob) -> torch.Tensor:
+    """Weighted mean direction on the sphere (one tangent-space step), scaled by the mean norm."""
+    if len(job.tensors) == 1:
+        return job.tensors[0]
+    eps = job.params["eps"]
+    vecs = [(x - job.base if job.base is not None else x).reshape(-1) for x in job.tensors]
+    weights = [p["weight"] for p in job.model_params]
+    if job.params["normalize_weights"]:
+        total = sum(weights)
+        weights = [w / total for w in weights]
+    norms = [v.norm() for v in vecs]
+    units = [v / (n + eps) for v, n in zip(vecs, norms)]
+    mean = sum(w * u for w, u in zip(weights, units))
+    if mean.norm() < eps:
+        if len(vecs) != 2:
+            raise MergeError(f"tensor '{job.name}': the weighted sum of directions is zero; multislerp is undefined")
+        out = weights[0] * vecs[0] + weights[1] * vecs[1]
+    else:
+        mean = mean / mean.norm()
+        tangent = sum(w * (u - (u * mean).sum() * mean) for w, u in zip(weights, units))
+        step = tangent.norm() + eps
+        out = (mean * step.cos() + tangent * (step.sin() / step)) * sum(w * n for w, n in zip(weights, norms))
+    out = out.reshape(job.tensors[0].shape)
+    return out + job.base if job.base is not None else out
+
+
+def merge_karcher(job: TensorJob) -> torch.Tensor:
+    """Riemannian (Karcher) mean of the unit vectors, equal weights, rescaled by the mean norm."""
+    max_iter, tol = job.params["max_iter"], job.params["tol"]
+    vecs = [x.reshape(-1) for x in job.tensors]
+    norms = [float(v.norm()) for v in vecs]
+    valid = [(v / n, 1.0) for v, n in zip(vecs, norms) if n > tol]
+    if not valid:
+        return torch.zeros_like(job.tensors[0])
+    alpha = 1.0 / len(valid)
+    units = [u for u, _ in valid]
+    mean = sum(alpha * u for u in units)
+    m_norm = float(mean.norm())
+    mean = mean / m_norm if m_norm >= tol else units[0].clone()
+    for _ in range(max_iter):
+        tangent = torch.zeros_like(mean)
+        for u in units:
+            c = float((mean * u).sum().clamp(-1, 1))
+            theta = math.acos(c)
+            if theta < tol:
+                continue
+            tangent += alpha * (theta / math.sin(theta)) * (u - c * mean)
+        t_norm = float(tangent.norm())
+        if t_norm < tol:
+            break
+        mean = math.cos(t_norm) * mean + math.sin(t_norm) * (tangent / t_norm)
+        m_norm = float(mean.norm())
+        if m_norm > tol:
+            mean = mean / m_norm
+    scale = sum(norms) / len(vecs)
+    return (mean * scale).reshape(job.tensors[0].shape)
+
+
+WEIGHT = Param("weight", kind=float)
+METHODS = [
+    Method("nuslerp", merge_nuslerp,
+           params=(Param("nuslerp_flatten", True, bool), Param("nuslerp_row_wise", False, bool)),
+           model_params=(WEIGHT,), base="optional", min_models=2, max_models=2,
+           doc="Slerp of two models (or their task vectors over a base) at t = w1 / (w0 + w1)."),
+    Method("multislerp", merge_multislerp,
+           params=(Param("normalize_weights", True, bool), Param("eps", 1e-8, float)),
+           model_params=(WEIGHT,), base="optional", min_models=1,
+           doc="Weighted spherical mean of any number of models (task vectors with a base)."),
+    Method("karcher", merge_karcher,
+           params=(Param("max_iter", 10, int), Param("tol", 1e-5, float)),
+           base="input", min_models=1,
+           doc="Karcher mean of the models on the sphere, equal weights."),
+]

@@ -1,0 +1,119 @@
+"""The generalized task-arithmetic family: task_arithmetic, ties, dare_*, breadcrumbs*, della*.
+
+One routine: d_i = x_i - base; sparsify d_i; D_i = w_i * d_i; optional sign consensus keeps only
+entries agreeing with sign(sum_i D_i) (a zero sum counts as +); mix = sum of kept D_i, divided by
+the kept weights when `normalize`; result base + lambda * mix. The methods differ only in the
+sparsifier, the consensus and the defaults of normalize/rescale (mergekit 0.1.5's).
+
+Options mergekit lacks: `trim_scope: model` ranks magnitudes over the whole model (the TIES
+paper) instead of per tensor; `rescale: inverse_density` divides survivors by density (the DARE
+paper) instead of matching the L1 norm (mergekit; `true` means l1, `false` none).
+"""
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Callable
+
+import torch
+
+from . import sparsify
+from .base import Method, Param, TensorJob, in_range
+
+RESCALE = Param("rescale", kind=str, choices=("l1", "inverse_density", "none"),
+                aliases=((True, "l1"), (False, "none")))
+COMMON = (Param("lambda", 1.0, float), Param("int8_mask", False, bool))
+WEIGHT = Param("weight", kind=float)
+DENSITY = Param("density", 1.0, float, check=in_range(0.0, 1.0, lo_open=True))
+
+
+def generalized_merge(job: TensorJob, sparsifier: Callable | None, consensus: bool) -> torch.Tensor:
+    base = job.base
+    if not job.tensors:
+        return base
+    mode = job.params["rescale"]
+    weighted, weights = [], []
+    for i, (x, p) in enumerate(zip(job.tensors, job.model_params)):
+        delta = x - base
+        if sparsifier is not None:
+            delta = sparsifier(delta, p, mode, job, i)
+        weighted.append(delta.mul_(p["weight"]))
+        weights.append(p["weight"])
+    if consensus:
+        total = torch.stack(weighted).sum(0)
+        majority = torch.where(total >= 0, 1.0, -1.0).to(total.dtype)
+        mix = torch.zeros_like(base)
+        divisor = torch.zeros_like(base)
+        for d, w in zip(weighted, weights):
+            agree = d.sign() == majority
+            mix += d * agree
+            divisor += agree * w
+        divisor[divisor == 0] = 1
+    else:
+        mix = weighted[0]
+        for d in weighted[1:]:
+            mix += d
+        divisor = sum(weights)
+        divisor = divisor if abs(divisor) >= 1e-8 else 1.0
+    if job.params["normalize"]:
+        mix = mix / divisor
+    lam = job.params["lambda"]
+    return base + (mix * lam if lam != 1 else mix)
+
+
+def _magnitude(delta, p, mode, job, i):
+    k = job.extra.get("trim_k", {}).get(i)  # trim_scope: model gives this tensor's share of the global k
+    return sparsify.magnitude(delta, p["density"], mode, k)
+
+
+def _bernoulli(delta, p, mode, job, i):
+    return sparsify.bernoulli(delta, p["density"], mode, job.generator(i))
+
+
+def _breadcrumbs(delta, p, mode, job, i):
+    return sparsify.breadcrumbs(delta, p["density"], p["gamma"], mode)
+
+
+def _della(delta, p, mode, job, i):
+    return sparsify.della(delta, p["density"], p["epsilon"], mode, job.generator(i))
+
+
+def _family(name: str, sparsifier, consensus: bool, normalize: bool, rescale: str, extra=(), random=False,
+            scoped=False, doc="") -> Method:
+    params = COMMON + (Param("normalize", normalize, bool), replace(RESCALE, default=rescale))
+    if scoped:
+        params += (Param("trim_scope", "tensor", str, choices=("tensor", "model")),)
+    return Method(
+        name, lambda job: generalized_merge(job, sparsifier, consensus),
+        params=params, model_params=(WEIGHT, DENSITY) + extra,
+        base="required", min_models=1, random=random, doc=doc,
+        check=_check_epsilon if EPSILON in extra else None,
+    )
+
+
+def _check_epsilon(params: dict, model_params: list[dict]) -> str | None:
+    for p in model_params:
+        d, e = p["density"], p["epsilon"]
+        if d < 1 and not (0 < d - e and d + e < 1):
+            return f"della needs 0 < density - epsilon and density + epsilon < 1, got density {d}, epsilon {e}"
+    return None
+
+
+GAMMA = Param("gamma", 0.01, float, check=in_range(0.0, 1.0))
+EPSILON = Param("epsilon", 0.15, float, check=in_range(0.0, 1.0))
+
+METHODS = [
+    _family("task_arithmetic", None, False, False, "none", doc="base + lambda * sum(w_i * (x_i - base))."),
+    _family("ties", _magnitude, True, True, "none", scoped=True,
+            doc="TIES: trim to the top `density` magnitudes, elect signs, disjoint mean."),
+    _family("dare_linear", _bernoulli, False, False, "l1", random=True,
+            doc="DARE: random drop with keep probability `density`, rescale, weighted sum."),
+    _family("dare_ties", _bernoulli, True, False, "l1", random=True, doc="DARE drop + TIES sign election."),
+    _family("breadcrumbs", _breadcrumbs, False, False, "none", (GAMMA,),
+            doc="Model Breadcrumbs: drop the largest `gamma` and smallest entries, keep `density`."),
+    _family("breadcrumbs_ties", _breadcrumbs, True, False, "none", (GAMMA,),
+            doc="Breadcrumbs + TIES sign election."),
+    _family("della", _della, True, True, "l1", (EPSILON,), random=True,
+            doc="DELLA: magnitude-ranked keep probabilities in [density-epsilon, density+epsilon], sign election."),
+    _family("della_linear", _della, False, False, "l1", (EPSILON,), random=True,
+            doc="DELLA drop without sign election."),
+]

@@ -1,0 +1,324 @@
+"""mergekit-compatible recipe YAML -> validated dataclasses.
+
+Everything that can be checked without touching weights is checked here, and every error names
+the recipe file (and document, for multi-document files) and the key at fault.
+"""
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import RecipeError
+from .methods import METHODS
+from .methods.base import REQUIRED, Method
+from .params import check_value, values_in
+
+DTYPES = ("float32", "float16", "bfloat16", "float64")
+DTYPE_ALIASES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16", "half": "float16", "float": "float32"}
+TOP_KEYS = {"name", "merge_method", "models", "slices", "base_model", "parameters", "dtype", "out_dtype",
+            "tokenizer_source", "tokenizer", "chat_template", "modules"}
+
+
+@dataclass
+class Source:
+    """One input model, with its own parameters, optionally restricted to a layer range."""
+
+    model: str
+    parameters: dict[str, Any] = field(default_factory=dict)
+    layer_range: tuple[int, int] | None = None
+
+
+@dataclass
+class Slice:
+    """An output slice: its sources cover layer ranges of equal length."""
+
+    sources: list[Source]
+    parameters: dict[str, Any] = field(default_factory=dict)
+    base_model: str | None = None
+
+
+@dataclass
+class Recipe:
+    """One merge: a mergekit document, validated."""
+
+    merge_method: str
+    method: Method
+    source: str  # "file" or "file (document 'name')" for messages
+    models: list[Source] | None = None
+    slices: list[Slice] | None = None
+    base_model: str | None = None
+    parameters: dict[str, Any] = field(default_factory=dict)
+    dtype: str | None = None
+    out_dtype: str | None = None
+    tokenizer_source: str | None = None
+    chat_template: str | None = None
+    name: str | None = None
+
+    def groups(self) -> list[tuple[str, list[Source], str | None]]:
+        """(key, sources, base) per merge group. With `models:`, a base_model that is not listed is
+        appended as one more source (mergekit does the same): methods that merge the base like any
+        other model then see it as an input."""
+        if self.models:
+            sources = list(self.models)
+            if self.base_model and all(s.model != self.base_model for s in sources):
+                sources.append(Source(self.base_model))
+            return [("models", sources, self.base_model)]
+        return [(f"slices[{i}].sources", sl.sources, sl.base_model or self.base_model)
+                for i, sl in enumerate(self.slices)]
+
+    def model_refs(self) -> list[str]:
+        """Every model the recipe reads, first-seen order, base included."""
+        refs = [s.model for s in self.models] if self.models else [s.model for sl in self.slices for s in sl.sources]
+        refs += [self.base_model] if self.base_model else []
+        refs += [sl.base_model for sl in self.slices or [] if sl.base_model]
+        return list(dict.fromkeys(refs))
+
+
+def load_recipes(path: str | Path) -> list[Recipe]:
+    """Load a (possibly multi-document) recipe file. Later documents may name earlier ones as models."""
+    path = Path(path)
+    try:
+        docs = [d for d in yaml.safe_load_all(path.read_text()) if d is not None]
+    except OSError as exc:
+        raise RecipeError(f"cannot read recipe: {exc}", str(path)) from exc
+    except yaml.YAMLError as exc:
+        raise RecipeError(f"invalid YAML: {exc}", str(path)) from exc
+    if not docs:
+        raise RecipeError("the file holds no recipe", str(path))
+    recipes = []
+    for i, doc in enumerate(docs):
+        where = str(path) if len(docs) == 1 else f"{path} (document {i + 1})"
+        recipes.append(parse_recipe(doc, where))
+    return order_documents(recipes, str(path)) if len(recipes) > 1 else recipes
+
+
+def order_documents(recipes: list[Recipe], source: str) -> list[Recipe]:
+    """Dependency order for a multi-document recipe; the final output (the unnamed document, else
+    the last one) comes last. Documents refer to each other by `name` wherever a model goes."""
+    names = [r.name for r in recipes if r.name]
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise RecipeError(f"document names must be unique, repeated: {', '.join(dupes)}", source, "name")
+    unnamed = [r for r in recipes if not r.name]
+    if len(unnamed) > 1:
+        raise RecipeError("only one document (the final output) may be unnamed", unnamed[1].source, "name")
+    final = unnamed[0] if unnamed else recipes[-1]
+    by_name = {r.name: r for r in recipes if r.name}
+    ordered: list[Recipe] = []
+    visiting: list[str] = []
+
+    def visit(r: Recipe) -> None:
+        if r in ordered:
+            return
+        if r.name in visiting:
+            cycle = " -> ".join(visiting[visiting.index(r.name):] + [r.name])
+            raise RecipeError(f"documents refer to each other in a cycle: {cycle}", source, "name")
+        visiting.append(r.name)
+        for ref in r.model_refs():
+            if ref in by_name:
+                visit(by_name[ref])
+        visiting.pop()
+        ordered.append(r)
+
+    for r in recipes:
+        if r is not final:
+            visit(r)
+    visit(final)
+    return ordered
+
+
+def parse_recipe(doc: Any, source: str) -> Recipe:
+    if not isinstance(doc, dict):
+        raise RecipeError(f"a recipe is a mapping, got {type(doc).__name__}", source)
+    unknown = set(doc) - TOP_KEYS
+    if unknown:
+        key = sorted(unknown)[0]
+        raise RecipeError(f"unknown key{_suggest(key, TOP_KEYS)}", source, key)
+    method_name = doc.get("merge_method")
+    if not isinstance(method_name, str):
+        raise RecipeError("required, the name of a merge method", source, "merge_method")
+    if method_name not in METHODS:
+        raise RecipeError(f"unknown merge method '{method_name}'{_suggest(method_name, METHODS)}; "
+                          f"known: {', '.join(sorted(METHODS))}", source, "merge_method")
+    method = METHODS[method_name]
+    for key in ("modules", "tokenizer"):
+        if doc.get(key) is not None:
+            raise RecipeError("not supported by mergekit_ops yet", source, key)
+    has_models, has_slices = doc.get("models") is not None, doc.get("slices") is not None
+    if has_models == has_slices:
+        raise RecipeError("give exactly one of 'models' or 'slices'", source, "models")
+    recipe = Recipe(
+        merge_method=method_name, method=method, source=source,
+        base_model=_model_ref(doc.get("base_model"), source, "base_model", optional=True),
+        parameters=_params(doc.get("parameters"), source, "parameters"),
+        dtype=_dtype(doc.get("dtype"), source, "dtype"),
+        out_dtype=_dtype(doc.get("out_dtype"), source, "out_dtype"),
+        tokenizer_source=_str(doc.get("tokenizer_source"), source, "tokenizer_source"),
+        chat_template=_str(doc.get("chat_template"), source, "chat_template"),
+        name=_str(doc.get("name"), source, "name"),
+    )
+    if has_models:
+        recipe.models = _models(doc["models"], source)
+    else:
+        recipe.slices = _slices(doc["slices"], source)
+    if recipe.tokenizer_source == "union":
+        raise RecipeError("'union' (a merged vocabulary) is not supported yet; use 'base' or one of the models",
+                          source, "tokenizer_source")
+    if recipe.tokenizer_source not in (None, "base") and (
+            recipe.tokenizer_source.removeprefix("model:") not in recipe.model_refs()):
+        raise RecipeError(f"'{recipe.tokenizer_source}' is neither 'base' nor one of the recipe's models",
+                          source, "tokenizer_source")
+    _check_contract(recipe)
+    return recipe
+
+
+def _check_contract(recipe: Recipe) -> None:
+    """Method-level rules: base model, number of inputs, parameter names, types and ranges."""
+    method, source = recipe.method, recipe.source
+    if method.base == "required" and not recipe.base_model and not any(sl.base_model for sl in recipe.slices or []):
+        raise RecipeError(f"{method.name} needs a base_model", source, "base_model")
+    for where, group, base in recipe.groups():
+        if method.base != "input" and base and all(s.model != base for s in group):
+            raise RecipeError(f"base_model '{base}' must be one of this slice's sources", source, where)
+        others = [s for s in group if s.model != base] if method.base != "input" else group
+        n = len(others)
+        if n < method.min_models or (method.max_models is not None and n > method.max_models):
+            want = (f"exactly {method.min_models}" if method.min_models == method.max_models
+                    else f"at least {method.min_models}" if method.max_models is None
+                    else f"{method.min_models} to {method.max_models}")
+            extra = " besides the base_model" if method.base != "input" and base else ""
+            listed = ", ".join(s.model for s in others)
+            raise RecipeError(f"{method.name} takes {want} model(s){extra}, got {n}: {listed}", source, where)
+    if recipe.slices:
+        for i, sl in enumerate(recipe.slices):
+            lengths = {s.layer_range[1] - s.layer_range[0] for s in sl.sources}
+            if len(lengths) > 1:
+                ranges = ", ".join(f"{s.model} {list(s.layer_range)}" for s in sl.sources)
+                raise RecipeError(f"layer ranges in one slice must have equal length: {ranges}",
+                                  source, f"slices[{i}].sources")
+    scopes = [("parameters", recipe.parameters, True)]
+    scopes += [(f"slices[{i}].parameters", sl.parameters, True) for i, sl in enumerate(recipe.slices or [])]
+    sources = [s for _, group, _ in recipe.groups() for s in group]
+    scopes += [(f"{s.model}.parameters", s.parameters, False) for s in sources]
+    for where, params, top in scopes:
+        for key, value in params.items():
+            p = method.param(key, per_model=True) or (method.param(key, per_model=False) if top else None)
+            if p is None:
+                known = [q.name for q in method.model_params] + ([q.name for q in method.params] if top else [])
+                raise RecipeError(f"{method.name} has no {'per-model ' if not top else ''}parameter '{key}'"
+                                  f"{_suggest(key, known)}; it takes: {', '.join(known) or 'none'}",
+                                  source, f"{where}.{key}")
+            for v in values_in(value):
+                try:
+                    v = p.coerce(v)
+                except (TypeError, ValueError) as exc:
+                    raise RecipeError(str(exc), source, f"{where}.{key}") from None
+                problem = p.check(v) if p.check else None
+                if problem:
+                    raise RecipeError(f"{key} {problem}", source, f"{where}.{key}")
+    for p in method.params:
+        if p.default is REQUIRED and p.name not in recipe.parameters and not any(
+                p.name in sl.parameters for sl in recipe.slices or []):
+            raise RecipeError(f"{method.name} needs parameter '{p.name}'", source, f"parameters.{p.name}")
+    for p in method.model_params:
+        if p.default is not REQUIRED or p.name in recipe.parameters:
+            continue
+        for s in sources:
+            if s.model == recipe.base_model and method.base != "unused":
+                continue
+            if p.name not in s.parameters and not any(p.name in sl.parameters for sl in recipe.slices or []):
+                raise RecipeError(f"{method.name} needs parameter '{p.name}' for model '{s.model}'",
+                                  source, f"{s.model}.parameters.{p.name}")
+
+
+def _models(value: Any, source: str) -> list[Source]:
+    if not isinstance(value, list) or not value:
+        raise RecipeError("a non-empty list of models", source, "models")
+    return [_source(item, source, f"models[{i}]", need_range=False) for i, item in enumerate(value)]
+
+
+def _slices(value: Any, source: str) -> list[Slice]:
+    if not isinstance(value, list) or not value:
+        raise RecipeError("a non-empty list of slices", source, "slices")
+    out = []
+    for i, item in enumerate(value):
+        key = f"slices[{i}]"
+        if not isinstance(item, dict) or not isinstance(item.get("sources"), list) or not item["sources"]:
+            raise RecipeError("each slice needs a non-empty 'sources' list", source, key)
+        extra = set(item) - {"sources", "parameters", "base_model"}
+        if extra:
+            raise RecipeError("unknown key", source, f"{key}.{sorted(extra)[0]}")
+        out.append(Slice(
+            sources=[_source(s, source, f"{key}.sources[{j}]", need_range=True) for j, s in enumerate(item["sources"])],
+            parameters=_params(item.get("parameters"), source, f"{key}.parameters"),
+            base_model=_model_ref(item.get("base_model"), source, f"{key}.base_model", optional=True),
+        ))
+    return out
+
+
+def _source(item: Any, source: str, key: str, need_range: bool) -> Source:
+    if isinstance(item, str):
+        item = {"model": item}
+    if not isinstance(item, dict):
+        raise RecipeError("each entry is a mapping with 'model'", source, key)
+    extra = set(item) - {"model", "parameters", "layer_range"}
+    if extra:
+        bad = sorted(extra)[0]
+        raise RecipeError(f"unknown key{_suggest(bad, ['model', 'parameters', 'layer_range'])}", source, f"{key}.{bad}")
+    layer_range = item.get("layer_range")
+    if need_range:
+        if (not isinstance(layer_range, list) or len(layer_range) != 2
+                or not all(isinstance(x, int) and not isinstance(x, bool) for x in layer_range)
+                or not 0 <= layer_range[0] < layer_range[1]):
+            raise RecipeError("needs [start, end] with 0 <= start < end (end exclusive)", source, f"{key}.layer_range")
+        layer_range = tuple(layer_range)
+    elif layer_range is not None:
+        raise RecipeError("layer_range belongs in 'slices' sources", source, f"{key}.layer_range")
+    return Source(_model_ref(item.get("model"), source, f"{key}.model"),
+                  _params(item.get("parameters"), source, f"{key}.parameters"), layer_range)
+
+
+def _model_ref(value: Any, source: str, key: str, optional: bool = False) -> str | None:
+    if value is None and optional:
+        return None
+    if isinstance(value, dict) and "model" in value:  # mergekit's long form {model: {path: ...}}
+        value = value["model"].get("path") if isinstance(value["model"], dict) else value["model"]
+    if not isinstance(value, str) or not value:
+        raise RecipeError("a model path or hub id (string)", source, key)
+    if "+" in value and not Path(value).exists():
+        raise RecipeError(f"'{value}': LoRA adapters (model+lora) are not supported", source, key)
+    return value
+
+
+def _params(value: Any, source: str, key: str) -> dict[str, Any]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise RecipeError("parameters are a mapping of name: value", source, key)
+    for name, v in value.items():
+        check_value(v, source, f"{key}.{name}")
+    return dict(value)
+
+
+def _dtype(value: Any, source: str, key: str) -> str | None:
+    if value is None:
+        return None
+    name = DTYPE_ALIASES.get(value, value)
+    if name not in DTYPES:
+        raise RecipeError(f"unknown dtype {value!r}; use one of {', '.join(DTYPES)}", source, key)
+    return name
+
+
+def _str(value: Any, source: str, key: str) -> str | None:
+    if value is not None and not isinstance(value, str):
+        raise RecipeError(f"expected a string, got {value!r}", source, key)
+    return value
+
+
+def _suggest(word: str, options) -> str:
+    close = difflib.get_close_matches(word, list(options), n=1)
+    return f" (did you mean '{close[0]}'?)" if close else ""

@@ -1,0 +1,71 @@
+"""Tiny Llama-shaped checkpoints for tests, written with the reference safetensors writer."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+
+def llama_state(layers: int = 3, hidden: int = 8, inter: int = 12, vocab: int = 20, seed: int = 0,
+                dtype: torch.dtype = torch.float32, tied: bool = False) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+
+    def rnd(*shape):
+        return torch.randn(*shape, generator=g).to(dtype)
+
+    state = {"model.embed_tokens.weight": rnd(vocab, hidden), "model.norm.weight": 1 + 0.1 * rnd(hidden)}
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        state.update({
+            p + "self_attn.q_proj.weight": rnd(hidden, hidden), p + "self_attn.k_proj.weight": rnd(hidden, hidden),
+            p + "self_attn.v_proj.weight": rnd(hidden, hidden), p + "self_attn.o_proj.weight": rnd(hidden, hidden),
+            p + "mlp.gate_proj.weight": rnd(inter, hidden), p + "mlp.up_proj.weight": rnd(inter, hidden),
+            p + "mlp.down_proj.weight": rnd(hidden, inter),
+            p + "input_layernorm.weight": 1 + 0.1 * rnd(hidden), p + "post_attention_layernorm.weight": 1 + 0.1 * rnd(hidden),
+        })
+    if not tied:
+        state["lm_head.weight"] = rnd(vocab, hidden)
+    return state
+
+
+def finetune(state: dict[str, torch.Tensor], seed: int, scale: float = 0.05) -> dict[str, torch.Tensor]:
+    """A 'fine-tune': the base plus small random deltas."""
+    g = torch.Generator().manual_seed(seed)
+    return {k: (v.float() + scale * torch.randn(v.shape, generator=g)).to(v.dtype) for k, v in state.items()}
+
+
+def write_model(path: Path, state: dict[str, torch.Tensor], shards: int = 1, tied: bool = False,
+                vocab: int | None = None, arch: str = "LlamaForCausalLM", extra_config: dict | None = None) -> Path:
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    layers = len({k.split(".")[2] for k in state if k.startswith("model.layers.")})
+    emb = state["model.embed_tokens.weight"]
+    config = {"architectures": [arch], "model_type": "llama", "num_hidden_layers": layers,
+              "hidden_size": emb.shape[1], "vocab_size": vocab or emb.shape[0], "tie_word_embeddings": tied,
+              **(extra_config or {})}
+    (path / "config.json").write_text(json.dumps(config))
+    (path / "tokenizer_config.json").write_text(json.dumps({"model_max_length": 64}))
+    (path / "tokenizer.json").write_text(json.dumps({"model": {"type": "WordLevel", "vocab": {"a": 0}}}))
+    names = sorted(state)
+    if shards == 1:
+        save_file(state, str(path / "model.safetensors"), metadata={"format": "pt"})
+        return path
+    per = -(-len(names) // shards)
+    weight_map = {}
+    for i in range(shards):
+        fname = f"model-{i + 1:05d}-of-{shards:05d}.safetensors"
+        part = {k: state[k] for k in names[i * per:(i + 1) * per]}
+        save_file(part, str(path / fname), metadata={"format": "pt"})
+        weight_map.update({k: fname for k in part})
+    (path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    return path
+
+
+def write_recipe(path: Path, recipe: dict | str) -> Path:
+    import yaml
+
+    path = Path(path)
+    path.write_text(recipe if isinstance(recipe, str) else yaml.safe_dump(recipe, sort_keys=False))
+    return path
