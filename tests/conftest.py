@@ -1,0 +1,34 @@
+"""Test session setup: never touch the network; tiny checkpoints built fresh per test."""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["DVC_NO_ANALYTICS"] = "1"
+sys.path.insert(0, str(Path(__file__).parent))
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from tiny import finetune, llama_state, write_model  # noqa: E402
+
+
+@pytest.fixture
+def seed(request) -> int:
+    """A fresh seed per test, printed on failure so a failing draw can be replayed."""
+    value = int.from_bytes(os.urandom(4), "little")
+    print(f"random seed: {value}")
+    torch.manual_seed(value)
+    return value
+
+
+@pytest.fixture
+def family(tmp_path, seed):
+    """A base and three fine-tunes of it (float32, the third one sharded) on disk."""
+    base = llama_state(seed=seed)
+    paths = {"base": write_model(tmp_path / "base", base)}
+    for i in range(3):
+        paths[f"m{i}"] = write_model(tmp_path / f"m{i}", finetune(base, seed + i + 1), shards=2 if i == 2 else 1)
+    return paths

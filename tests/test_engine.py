@@ -1,0 +1,303 @@
+"""End-to-end merges of tiny checkpoints on disk: identities, determinism, output layout, errors."""
+import hashlib
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from mergekit_ops import MergeOptions, merge
+from mergekit_ops import engine as engine_module
+from mergekit_ops.errors import CheckpointError, MergeError, RecipeError
+from tiny import finetune, llama_state, write_model, write_recipe
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _load_dir(path: Path) -> dict[str, torch.Tensor]:
+    out = {}
+    for f in sorted(path.glob("*.safetensors")):
+        out.update(load_file(str(f)))
+    return out
+
+
+def _recipe(tmp_path, body, name="recipe.yml"):
+    return write_recipe(tmp_path / name, body)
+
+
+def _digest(path: Path) -> dict[str, str]:
+    return {f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in sorted(path.iterdir())}
+
+
+def test_linear_one_zero_returns_first_model_bit_exact(tmp_path, family):
+    r = _recipe(tmp_path, {"merge_method": "linear", "models": [
+        {"model": str(family["m0"]), "parameters": {"weight": 1.0}},
+        {"model": str(family["m2"]), "parameters": {"weight": 0.0}}]})
+    out = _load_dir(merge(r, tmp_path / "out"))
+    src = load_file(str(family["m0"] / "model.safetensors"))
+    assert out.keys() == src.keys() and all(torch.equal(out[k], src[k]) for k in src)
+
+
+def test_slerp_endpoints_on_disk(tmp_path, family):
+    src = {k: load_file(str(family[k] / "model.safetensors")) for k in ("base", "m0")}
+    for t, expect in ((0.0, "base"), (1.0, "m0")):
+        r = _recipe(tmp_path, {"merge_method": "slerp", "base_model": str(family["base"]),
+                               "models": [{"model": str(family["base"])}, {"model": str(family["m0"])}],
+                               "parameters": {"t": t}})
+        out = _load_dir(merge(r, tmp_path / f"out{t}"))
+        for k, v in src[expect].items():
+            torch.testing.assert_close(out[k], v, atol=1e-6, rtol=1e-6)
+
+
+def test_gradient_and_filter_parameters_reach_the_right_tensors(tmp_path, family):
+    r = _recipe(tmp_path, {"merge_method": "slerp", "base_model": str(family["base"]),
+                           "models": [{"model": str(family["m0"])}],
+                           "parameters": {"t": [{"filter": "mlp", "value": [0.0, 1.0]}, {"value": 0.0}]}})
+    out = _load_dir(merge(r, tmp_path / "out"))
+    base = load_file(str(family["base"] / "model.safetensors"))
+    other = load_file(str(family["m0"] / "model.safetensors"))
+    torch.testing.assert_close(out["model.layers.0.mlp.up_proj.weight"], base["model.layers.0.mlp.up_proj.weight"])
+    torch.testing.assert_close(out["model.layers.2.mlp.up_proj.weight"], other["model.layers.2.mlp.up_proj.weight"])
+    torch.testing.assert_close(out["model.layers.2.self_attn.q_proj.weight"], base["model.layers.2.self_attn.q_proj.weight"])
+    mid = out["model.layers.1.mlp.up_proj.weight"]
+    assert not torch.allclose(mid, base["model.layers.1.mlp.up_proj.weight"])
+    assert not torch.allclose(mid, other["model.layers.1.mlp.up_proj.weight"])
+
+
+def _dare(tmp_path, family, seed=7):
+    return _recipe(tmp_path, {"merge_method": "dare_ties", "base_model": str(family["base"]), "models": [
+        {"model": str(family[m]), "parameters": {"weight": 0.5, "density": 0.5}} for m in ("m0", "m1", "m2")]},
+        name=f"dare{seed}.yml")
+
+
+def test_dare_is_byte_identical_across_thread_counts(tmp_path, family):
+    r = _dare(tmp_path, family)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = _digest(merge(r, tmp_path / "t1", MergeOptions(seed=7)))
+        torch.set_num_threads(2)
+        two = _digest(merge(r, tmp_path / "t2", MergeOptions(seed=7, read_ahead_bytes=0)))
+    finally:
+        torch.set_num_threads(threads)
+    assert one == two
+    other_seed = _digest(merge(r, tmp_path / "s8", MergeOptions(seed=8)))
+    assert other_seed["model.safetensors"] != one["model.safetensors"]
+
+
+def test_shards_and_index_cover_every_tensor(tmp_path, family):
+    r = _recipe(tmp_path, {"merge_method": "task_arithmetic", "base_model": str(family["base"]),
+                           "models": [{"model": str(family["m2"]), "parameters": {"weight": 1.0}}]})
+    out = merge(r, tmp_path / "out", MergeOptions(out_shard_size=2000))
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    files = sorted(p.name for p in out.glob("*.safetensors"))
+    assert len(files) > 2 and set(index["weight_map"].values()) == set(files)
+    merged = _load_dir(out)
+    assert set(index["weight_map"]) == set(merged)
+    assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in merged.values())
+    for f in files:
+        tensors = load_file(str(out / f))
+        assert sum(t.numel() * t.element_size() for t in tensors.values()) <= 2000 or len(tensors) == 1
+    assert (out / "config.json").is_file() and (out / "tokenizer.json").is_file()
+
+
+def test_interrupted_merge_leaves_no_finished_output(tmp_path, family, monkeypatch):
+    r = _recipe(tmp_path, {"merge_method": "linear", "models": [
+        {"model": str(family[m]), "parameters": {"weight": 1.0}} for m in ("m0", "m1")]})
+    target = tmp_path / "out"
+    merge(r, target)
+    before = _digest(target)
+    calls = {"n": 0}
+    real = engine_module.merge_task
+
+    def dying(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(engine_module, "merge_task", dying)
+    with pytest.raises(KeyboardInterrupt):
+        merge(r, tmp_path / "fresh")
+    assert not (tmp_path / "fresh").exists()
+    calls["n"] = 0
+    with pytest.raises(KeyboardInterrupt):
+        merge(r, target)
+    assert _digest(target) == before  # the previous complete output is untouched
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
+
+
+def test_shape_mismatch_names_tensor_shapes_and_models(tmp_path, family):
+    odd = llama_state(inter=14)
+    write_model(tmp_path / "odd", odd)
+    r = _recipe(tmp_path, {"merge_method": "linear", "models": [
+        {"model": str(family["m0"]), "parameters": {"weight": 1.0}},
+        {"model": str(tmp_path / "odd"), "parameters": {"weight": 1.0}}]})
+    with pytest.raises(CheckpointError) as info:
+        merge(r, tmp_path / "out")
+    msg = str(info.value)
+    assert "mlp.down_proj.weight" in msg and "[8, 14]" in msg and "[8, 12]" in msg
+    assert "odd" in msg and "m0" in msg
+    assert not (tmp_path / "out").exists()
+
+
+def test_vocab_and_architecture_mismatch_are_reported(tmp_path, family):
+    state = finetune(load_file(str(family["base"] / "model.safetensors")), 5)
+    write_model(tmp_path / "bigvocab", state, vocab=99)
+    write_model(tmp_path / "mistral", state, arch="MistralForCausalLM")
+    for name, pattern in (("bigvocab", "vocabulary size mismatch.*20.*99"), ("mistral", "architecture mismatch")):
+        r = _recipe(tmp_path, {"merge_method": "linear", "models": [
+            {"model": str(family["m0"]), "parameters": {"weight": 1.0}},
+            {"model": str(tmp_path / name), "parameters": {"weight": 1.0}}]})
+        with pytest.raises(CheckpointError, match=pattern):
+            merge(r, tmp_path / "out")
+
+
+def test_missing_tensor_is_named(tmp_path, family):
+    state = load_file(str(family["m0"] / "model.safetensors"))
+    del state["model.layers.1.mlp.up_proj.weight"]
+    write_model(tmp_path / "holey", state)
+    r = _recipe(tmp_path, {"merge_method": "ties", "base_model": str(family["base"]), "models": [
+        {"model": str(tmp_path / "holey"), "parameters": {"weight": 1.0, "density": 0.5}}]})
+    with pytest.raises(CheckpointError, match=r"holey.*no tensor 'model\.layers\.1\.mlp\.up_proj\.weight'"):
+        merge(r, tmp_path / "out")
+
+
+def test_nan_output_is_an_error_naming_the_tensor(tmp_path, family):
+    state = load_file(str(family["m0"] / "model.safetensors"))
+    state["model.layers.2.self_attn.v_proj.weight"][0, 0] = float("inf")
+    write_model(tmp_path / "inf", state)
+    r = _recipe(tmp_path, {"merge_method": "linear", "models": [
+        {"model": str(family["m1"]), "parameters": {"weight": 1.0}},
+        {"model": str(tmp_path / "inf"), "parameters": {"weight": 1.0}}]})
+    with pytest.raises(MergeError, match=r"model\.layers\.2\.self_attn\.v_proj\.weight.*NaN or Inf"):
+        merge(r, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_zero_weight_sum_with_normalize_is_a_recipe_error(tmp_path, family):
+    r = _recipe(tmp_path, {"merge_method": "linear", "models": [
+        {"model": str(family["m0"]), "parameters": {"weight": 1.0}},
+        {"model": str(family["m1"]), "parameters": {"weight": -1.0}}]})
+    with pytest.raises(RecipeError, match="sum to 0"):
+        merge(r, tmp_path / "out")
+
+
+def test_pickle_weights_are_refused_unless_opted_in(tmp_path, family):
+    state = load_file(str(family["m0"] / "model.safetensors"))
+    (tmp_path / "pkl").mkdir()
+    (tmp_path / "pkl" / "config.json").write_text((family["m0"] / "config.json").read_text())
+    torch.save(state, tmp_path / "pkl" / "pytorch_model.bin")
+    r = _recipe(tmp_path, {"merge_method": "linear", "models": [
+        {"model": str(tmp_path / "pkl"), "parameters": {"weight": 1.0}}]})
+    with pytest.raises(CheckpointError, match="only pickle weights.*pytorch_model.bin.*refused"):
+        merge(r, tmp_path / "out")
+    out = _load_dir(merge(r, tmp_path / "out", MergeOptions(allow_pickle=True)))
+    assert all(torch.equal(out[k], v) for k, v in state.items())
+
+
+def test_tied_embeddings_write_no_lm_head(tmp_path, seed):
+    base = llama_state(seed=seed, tied=True)
+    write_model(tmp_path / "b", base, tied=True)
+    write_model(tmp_path / "f", finetune(base, seed + 1), tied=True)
+    r = _recipe(tmp_path, {"merge_method": "task_arithmetic", "base_model": str(tmp_path / "b"),
+                           "models": [{"model": str(tmp_path / "f"), "parameters": {"weight": 1.0}}]})
+    out = _load_dir(merge(r, tmp_path / "out"))
+    assert "lm_head.weight" not in out and "model.embed_tokens.weight" in out
+
+
+def test_untied_head_of_one_input_uses_embeddings_of_tied_ones(tmp_path, seed):
+    base = llama_state(seed=seed, tied=True)
+    write_model(tmp_path / "tied", base, tied=True)
+    untied = finetune(base, seed + 1)
+    untied["lm_head.weight"] = torch.randn_like(base["model.embed_tokens.weight"])
+    write_model(tmp_path / "untied", untied)
+    r = _recipe(tmp_path, {"merge_method": "linear", "models": [
+        {"model": str(tmp_path / "tied"), "parameters": {"weight": 1.0}},
+        {"model": str(tmp_path / "untied"), "parameters": {"weight": 1.0}}]})
+    out = _load_dir(merge(r, tmp_path / "out"))
+    torch.testing.assert_close(out["lm_head.weight"],
+                               (base["model.embed_tokens.weight"] + untied["lm_head.weight"]) / 2)
+
+
+def test_passthrough_slices_stack_layers_and_rewrite_layer_count(tmp_path, family):
+    r = _recipe(tmp_path, {"merge_method": "passthrough", "slices": [
+        {"sources": [{"model": str(family["m0"]), "layer_range": [0, 2]}]},
+        {"sources": [{"model": str(family["m1"]), "layer_range": [1, 3]}]}]})
+    out_dir = merge(r, tmp_path / "out")
+    out = _load_dir(out_dir)
+    a, b = load_file(str(family["m0"] / "model.safetensors")), load_file(str(family["m1"] / "model.safetensors"))
+    assert json.loads((out_dir / "config.json").read_text())["num_hidden_layers"] == 4
+    for out_layer, (src, layer) in enumerate([(a, 0), (a, 1), (b, 1), (b, 2)]):
+        name = "model.layers.{}.mlp.down_proj.weight"
+        assert torch.equal(out[name.format(out_layer)], src[name.format(layer)])
+    assert torch.equal(out["model.embed_tokens.weight"], a["model.embed_tokens.weight"])
+    assert torch.equal(out["lm_head.weight"], b["lm_head.weight"])
+    assert not any(".layers.4." in k for k in out)
+
+
+def test_out_dtype_and_compute_in_float32(tmp_path, family):
+    r = _recipe(tmp_path, {"merge_method": "linear", "out_dtype": "bfloat16", "models": [
+        {"model": str(family[m]), "parameters": {"weight": 1.0}} for m in ("m0", "m1")]})
+    out_dir = merge(r, tmp_path / "out")
+    out = _load_dir(out_dir)
+    a, b = load_file(str(family["m0"] / "model.safetensors")), load_file(str(family["m1"] / "model.safetensors"))
+    k = "model.layers.0.mlp.up_proj.weight"
+    assert out[k].dtype == torch.bfloat16 and torch.equal(out[k], ((a[k] + b[k]) / 2).to(torch.bfloat16))
+    assert json.loads((out_dir / "config.json").read_text())["torch_dtype"] == "bfloat16"
+
+
+def test_multi_document_recipe_merges_a_merge(tmp_path, family):
+    text = f"""
+name: soup
+merge_method: linear
+models:
+  - {{model: {family['m0']}, parameters: {{weight: 1.0}}}}
+  - {{model: {family['m1']}, parameters: {{weight: 1.0}}}}
+---
+merge_method: slerp
+base_model: {family['base']}
+models: [{{model: soup}}]
+parameters: {{t: 1.0}}
+"""
+    r = _recipe(tmp_path, text)
+    out = _load_dir(merge(r, tmp_path / "out"))
+    a, b = load_file(str(family["m0"] / "model.safetensors")), load_file(str(family["m1"] / "model.safetensors"))
+    for k in a:
+        torch.testing.assert_close(out[k], (a[k] + b[k]) / 2, atol=1e-6, rtol=1e-5)
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
+
+
+def test_hub_id_resolves_from_local_cache_without_network(tmp_path, family, monkeypatch):
+    cache = tmp_path / "hub"
+    sha = "a" * 40
+    snap = cache / "models--org--tiny" / "snapshots" / sha
+    snap.parent.mkdir(parents=True)
+    snap.symlink_to(family["m0"], target_is_directory=True)
+    (cache / "models--org--tiny" / "refs").mkdir()
+    (cache / "models--org--tiny" / "refs" / "main").write_text(sha)
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    r = _recipe(tmp_path, {"merge_method": "linear", "models": [{"model": "org/tiny", "parameters": {"weight": 1.0}}]})
+    out = _load_dir(merge(r, tmp_path / "out"))
+    assert torch.equal(out["model.norm.weight"], load_file(str(family["m0"] / "model.safetensors"))["model.norm.weight"])
+    r = _recipe(tmp_path, {"merge_method": "linear", "models": [{"model": "org/absent", "parameters": {"weight": 1.0}}]},
+                name="absent.yml")
+    with pytest.raises(CheckpointError, match="org/absent.*does not download"):
+        merge(r, tmp_path / "out2")
+
+
+def test_cli_merges_and_reports_errors(tmp_path, family):
+    r = _recipe(tmp_path, {"merge_method": "linear", "models": [
+        {"model": str(family[m]), "parameters": {"weight": 1.0}} for m in ("m0", "m1")]})
+    run = subprocess.run([sys.executable, "-m", "mergekit_ops", str(r), str(tmp_path / "out"), "--seed", "3",
+                          "--out-shard-size", "1KB"], cwd=ROOT, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    assert "merged model written to" in run.stderr and "tensor" in run.stderr
+    assert (tmp_path / "out" / "model.safetensors.index.json").is_file()
+    bad = _recipe(tmp_path, {"merge_method": "lineer", "models": [str(family["m0"])]}, name="bad.yml")
+    run = subprocess.run([sys.executable, "-m", "mergekit_ops", str(bad), str(tmp_path / "o2"), "--quiet"],
+                         cwd=ROOT, capture_output=True, text=True)
+    assert run.returncode == 2 and "bad.yml" in run.stderr and "did you mean 'linear'" in run.stderr

@@ -1,0 +1,241 @@
+"""Each merge method against a direct computation of its formula on fresh random tensors."""
+import itertools
+import math
+
+import pytest
+import torch
+
+from mergekit_ops.methods import METHODS
+from mergekit_ops.methods.base import REQUIRED, TensorJob
+
+SHAPE = (12, 10)
+
+
+def _job(method, tensors, base=None, model_params=None, **params):
+    m = METHODS[method]
+    full = {p.name: p.default for p in m.params}
+    full.update(params)
+    mp = []
+    for i in range(len(tensors)):
+        d = {p.name: p.default for p in m.model_params}
+        d.update((model_params or [{}] * len(tensors))[i])
+        mp.append(d)
+    assert all(v is not REQUIRED for v in full.values())
+    return TensorJob("model.layers.0.mlp.up_proj.weight", tensors, base, mp, full, seed=1234)
+
+
+def _run(method, *args, **kwargs):
+    return METHODS[method].merge(_job(method, *args, **kwargs))
+
+
+def _inputs(n, scale=0.1):
+    base = torch.randn(SHAPE)
+    return base, [base + scale * torch.randn(SHAPE) for _ in range(n)]
+
+
+def _close(a, b, tol=1e-5):
+    assert torch.allclose(a, b, atol=tol, rtol=tol), (a - b).abs().max()
+
+
+def _stable_topk_mask(x, k):
+    order = torch.sort(-x.abs().reshape(-1), stable=True).indices
+    mask = torch.zeros(x.numel(), dtype=torch.bool)
+    mask[order[:k]] = True
+    return mask.view(x.shape)
+
+
+def test_linear_is_weighted_mean(seed):
+    _, xs = _inputs(3)
+    w = torch.rand(3).tolist()
+    out = _run("linear", xs, model_params=[{"weight": v} for v in w])
+    _close(out, sum(wi * x for wi, x in zip(w, xs)) / sum(w))
+    raw = _run("linear", xs, model_params=[{"weight": v} for v in w], normalize=False)
+    _close(raw, sum(wi * x for wi, x in zip(w, xs)))
+
+
+def test_linear_with_weights_one_zero_returns_first_exactly(seed):
+    _, xs = _inputs(2)
+    out = _run("linear", xs, model_params=[{"weight": 1.0}, {"weight": 0.0}])
+    assert torch.equal(out, xs[0])
+
+
+def _slerp_ref(t, a, b):
+    ua, ub = a.reshape(-1) / a.norm(), b.reshape(-1) / b.norm()
+    theta = torch.acos((ua @ ub).clamp(-1, 1)).item()
+    return (math.sin((1 - t) * theta) * a + math.sin(t * theta) * b) / math.sin(theta)
+
+
+def test_slerp_formula_and_endpoints(seed):
+    a, b = torch.randn(SHAPE), torch.randn(SHAPE)
+    t = torch.rand(()).item()
+    _close(_run("slerp", [b], a, t=t), _slerp_ref(t, a, b))
+    _close(_run("slerp", [b], a, t=0.0), a, 1e-6)
+    _close(_run("slerp", [b], a, t=1.0), b, 1e-6)
+
+
+def test_slerp_falls_back_to_lerp_when_colinear(seed):
+    a = torch.randn(SHAPE)
+    b = 2.5 * a
+    t = torch.rand(()).item()
+    _close(_run("slerp", [b], a, t=t), (1 - t) * a + t * b)
+
+
+def test_task_arithmetic_is_base_plus_weighted_deltas(seed):
+    base, xs = _inputs(3)
+    w = (torch.rand(3) * 2 - 1).tolist()  # negative weights negate a task
+    lam = torch.rand(()).item() + 0.5
+    out = _run("task_arithmetic", xs, base, [{"weight": v} for v in w], **{"lambda": lam})
+    _close(out, base + lam * sum(wi * (x - base) for wi, x in zip(w, xs)))
+
+
+def test_task_arithmetic_lambda_zero_returns_base(seed):
+    base, xs = _inputs(2)
+    assert torch.equal(_run("task_arithmetic", xs, base, [{"weight": 1.0}] * 2, **{"lambda": 0.0}), base)
+
+
+def _ties_ref(base, xs, w, density):
+    deltas = []
+    for x in xs:
+        d = x - base
+        k = int(density * d.numel())
+        deltas.append(d * _stable_topk_mask(d, k))
+    D = torch.stack([wi * d for wi, d in zip(w, deltas)])
+    sign = torch.where(D.sum(0) >= 0, 1.0, -1.0)
+    agree = D.sign() == sign
+    W = torch.tensor(w).view(-1, 1, 1) * agree
+    div = W.sum(0)
+    div[div == 0] = 1
+    return base + (D * agree).sum(0) / div
+
+
+def test_ties_trims_elects_and_takes_disjoint_mean(seed):
+    base, xs = _inputs(3)
+    w = (torch.rand(3) + 0.2).tolist()
+    density = torch.rand(()).item() * 0.8 + 0.1
+    out = _run("ties", xs, base, [{"weight": v, "density": density} for v in w])
+    _close(out, _ties_ref(base, xs, w, density))
+
+
+def test_ties_of_one_model_at_density_one_is_task_arithmetic(seed):
+    base, xs = _inputs(1)
+    w = torch.rand(()).item() + 0.1
+    ties = _run("ties", xs, base, [{"weight": w, "density": 1.0}], normalize=False)
+    _close(ties, _run("task_arithmetic", xs, base, [{"weight": w}]))
+
+
+def test_dare_keeps_about_density_and_preserves_l1(seed):
+    base = torch.zeros(200, 200)
+    x = torch.randn(200, 200)
+    density = 0.3
+    out = _run("dare_linear", [x], base, [{"weight": 1.0, "density": density}])
+    kept = out != 0
+    assert abs(kept.float().mean().item() - density) < 0.02
+    assert torch.allclose(out[kept], x[kept] * (x.abs().sum() / x[kept].abs().sum()), rtol=1e-5)
+    inv = _run("dare_linear", [x], base, [{"weight": 1.0, "density": density}], rescale="inverse_density")
+    assert torch.equal(inv != 0, kept)  # same draw: the generator depends on tensor and input only
+    _close(inv[kept], x[kept] / density)
+
+
+def test_dare_draw_is_reproducible_and_differs_per_input(seed):
+    base = torch.zeros(50, 50)
+    x = torch.randn(50, 50)
+    a = _run("dare_linear", [x, x], base, [{"weight": 1.0, "density": 0.5}] * 2, normalize=False)
+    b = _run("dare_linear", [x, x], base, [{"weight": 1.0, "density": 0.5}] * 2, normalize=False)
+    assert torch.equal(a, b)
+    single = _run("dare_linear", [x], base, [{"weight": 1.0, "density": 0.5}])
+    assert not torch.equal(a, 2 * single)  # the two inputs got different masks
+
+
+def test_breadcrumbs_drops_outliers_and_small_values(seed):
+    base = torch.zeros(20, 30)
+    x = torch.randn(20, 30)
+    density, gamma = 0.4, 0.05
+    out = _run("breadcrumbs", [x], base, [{"weight": 1.0, "density": density, "gamma": gamma}])
+    n = x.numel()
+    order = torch.sort(-x.abs().reshape(-1), stable=True).indices
+    expected = torch.zeros(n)
+    keep = order[int(gamma * n):int(gamma * n) + int(density * n)]
+    expected[keep] = x.reshape(-1)[keep]
+    _close(out.reshape(-1), expected)
+
+
+def test_della_keep_probability_rises_with_rank(seed):
+    base = torch.zeros(400, 200)
+    x = torch.randn(400, 200)
+    out = _run("della_linear", [x], base, [{"weight": 1.0, "density": 0.5, "epsilon": 0.4}], rescale="none")
+    kept = (out != 0).float()
+    ranks = x.abs().argsort(dim=1).argsort(dim=1)
+    low, high = kept[ranks < 20].mean().item(), kept[ranks >= 180].mean().item()
+    assert abs(low - 0.12) < 0.03 and abs(high - 0.88) < 0.03  # 0.1 + 0.8 * (mean rank position)
+    torch.testing.assert_close(out[out != 0], x[out != 0])
+
+
+def test_model_stock_formula(seed):
+    base, xs = _inputs(3)
+    offs = [(x - base).reshape(-1) for x in xs]
+    cos = sum(torch.dot(a, b) / (a.norm() * b.norm()) for a, b in itertools.combinations(offs, 2)) / 3
+    t = 3 * cos / (1 + 2 * cos)
+    _close(_run("model_stock", xs, base), t * sum(xs) / 3 + (1 - t) * base)
+
+
+def test_nearswap_formula(seed):
+    base, xs = _inputs(1)
+    t = torch.rand(()).item() * 0.1
+    w = (t / (base - xs[0]).abs().clamp_min(1e-6)).clamp(0, 1)
+    _close(_run("nearswap", xs, base, t=t), w * xs[0] + (1 - w) * base)
+
+
+def test_nuslerp_with_base_slerps_task_vectors(seed):
+    base, xs = _inputs(2)
+    w0, w1 = (torch.rand(2) + 0.1).tolist()
+    out = _run("nuslerp", xs, base, [{"weight": w0}, {"weight": w1}])
+    _close(out, base + _slerp_ref(w1 / (w0 + w1), xs[0] - base, xs[1] - base))
+
+
+def test_nuslerp_row_wise_slerps_each_row(seed):
+    _, xs = _inputs(2, scale=1.0)
+    out = _run("nuslerp", xs, None, [{"weight": 1.0}, {"weight": 3.0}], nuslerp_flatten=False)
+    for r in range(SHAPE[0]):
+        _close(out[r], _slerp_ref(0.75, xs[0][r], xs[1][r]))
+
+
+def test_multislerp_of_two_equal_weights_is_the_midpoint_slerp(seed):
+    a, b = torch.randn(SHAPE), torch.randn(SHAPE)
+    b = b * (a.norm() / b.norm())  # equal norms: multislerp reduces to slerp at t = 0.5
+    out = _run("multislerp", [a, b], None, [{"weight": 1.0}, {"weight": 1.0}])
+    _close(out, _slerp_ref(0.5, a, b), 1e-4)
+
+
+def test_karcher_of_two_equal_norm_vectors_is_the_midpoint_slerp(seed):
+    a, b = torch.randn(SHAPE), torch.randn(SHAPE)
+    b = b * (a.norm() / b.norm())
+    _close(_run("karcher", [a, b], None), _slerp_ref(0.5, a, b), 1e-4)
+
+
+def test_sce_formula(seed):
+    base, xs = _inputs(3)
+    topk = 0.5
+    T = torch.stack([x - base for x in xs])
+    var = T.var(0, unbiased=False)
+    k = int(int((var != 0).sum()) * topk)
+    T = T * _stable_topk_mask(var, k)
+    energy = (T ** 2).mean((1, 2))
+    lam = energy / energy.sum()
+    sign = torch.where(T.sum(0) >= 0, 1.0, -1.0)
+    m = (T.sign() == sign).float()
+    W = lam.view(-1, 1, 1) * m
+    _close(_run("sce", xs, base, select_topk=topk), base + (W * T).sum(0) / W.sum(0).clamp_min(1e-6))
+
+
+def test_passthrough_scales(seed):
+    x = torch.randn(SHAPE)
+    assert torch.equal(_run("passthrough", [x]), x)
+    _close(_run("passthrough", [x], model_params=[{"scale": 0.5}]), 0.5 * x)
+
+
+@pytest.mark.parametrize("method", ["dare_ties", "breadcrumbs_ties", "della"])
+def test_ties_variants_at_density_one_equal_ties(method, seed):
+    base, xs = _inputs(3)
+    mp = [{"weight": w, "density": 1.0} for w in (torch.rand(3) + 0.1).tolist()]
+    out = _run(method, xs, base, mp, normalize=True)
+    _close(out, _ties_ref(base, xs, [p["weight"] for p in mp], 1.0))

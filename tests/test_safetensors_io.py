@@ -1,0 +1,86 @@
+"""Our header reader and streaming shard writer agree with the reference safetensors library."""
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from mergekit_ops.errors import CheckpointError
+from mergekit_ops.safetensors_io import ShardWriter, plan_shards, read_header, read_tensor
+
+
+def _random_state():
+    return {
+        "a.weight": torch.randn(5, 7),
+        "b.weight": torch.randn(3, 4).to(torch.bfloat16),
+        "c.bias": torch.randn(9).half(),
+        "d.steps": torch.randint(0, 100, (4,), dtype=torch.int64),
+        "e.scalar": torch.randn(()),
+    }
+
+
+def test_reader_reads_reference_files_exactly(tmp_path):
+    state = _random_state()
+    save_file(state, str(tmp_path / "x.safetensors"))
+    infos, meta = read_header(tmp_path / "x.safetensors")
+    assert set(infos) == set(state)
+    for name, t in state.items():
+        got = read_tensor(infos[name])
+        assert got.dtype == t.dtype and torch.equal(got, t)
+
+
+def test_writer_output_loads_with_reference_library(tmp_path):
+    state = _random_state()
+    items = [(k, v.dtype, tuple(v.shape)) for k, v in state.items()]
+    shards = plan_shards(items, max_bytes=10**9)
+    writer = ShardWriter(tmp_path, shards)
+    for k, v in state.items():
+        writer.write(k, v)
+    writer.close()
+    assert [p.name for p in tmp_path.iterdir()] == ["model.safetensors"]
+    loaded = load_file(str(tmp_path / "model.safetensors"))
+    assert all(torch.equal(loaded[k], v) for k, v in state.items())
+
+
+def test_shards_respect_byte_limit_and_index_maps_every_tensor(tmp_path):
+    state = {f"t{i}": torch.randn(10, 10) for i in range(7)}  # 400 bytes each
+    items = [(k, v.dtype, tuple(v.shape)) for k, v in state.items()]
+    shards = plan_shards(items, max_bytes=1000)
+    assert [len(s.tensors) for s in shards] == [2, 2, 2, 1]
+    writer = ShardWriter(tmp_path, shards)
+    for k, v in state.items():
+        writer.write(k, v)
+    writer.close()
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+    assert index["metadata"]["total_size"] == 7 * 400
+    assert set(index["weight_map"]) == set(state)
+    for name, fname in index["weight_map"].items():
+        assert fname == f"model-0000{int(name[1]) // 2 + 1}-of-00004.safetensors"
+        assert (tmp_path / fname).stat().st_size <= 1000 + 1000  # data bound + header
+        assert torch.equal(load_file(str(tmp_path / fname))[name], state[name])
+
+
+def test_oversized_tensor_gets_its_own_shard():
+    items = [("small", torch.float32, (2,)), ("big", torch.float32, (100,)), ("small2", torch.float32, (2,))]
+    assert [[n for n, _, _ in s.tensors] for s in plan_shards(items, 100)] == [["small"], ["big"], ["small2"]]
+
+
+def test_writer_rejects_out_of_plan_tensor(tmp_path):
+    writer = ShardWriter(tmp_path, plan_shards([("a", torch.float32, (2,))], 100))
+    with pytest.raises(RuntimeError, match="expected a"):
+        writer.write("a", torch.zeros(3))
+    writer.abort()
+
+
+def test_truncated_file_is_reported_with_its_path(tmp_path):
+    save_file({"w": torch.randn(100)}, str(tmp_path / "x.safetensors"))
+    data = (tmp_path / "x.safetensors").read_bytes()
+    (tmp_path / "x.safetensors").write_bytes(data[:-10])
+    with pytest.raises(CheckpointError, match=r"x\.safetensors.*'w'.*truncated"):
+        read_header(tmp_path / "x.safetensors")
+
+
+def test_garbage_file_is_not_a_safetensors_file(tmp_path):
+    (tmp_path / "x.safetensors").write_bytes(b"\xff" * 64)
+    with pytest.raises(CheckpointError, match="x.safetensors"):
+        read_header(tmp_path / "x.safetensors")

@@ -1,0 +1,42 @@
+"""Exact top-k selection: the same set a stable sort would pick, ties by lowest flat index."""
+import torch
+
+from mergekit_ops.select import rank_window_mask, top_k_mask
+
+
+def _reference_topk(x: torch.Tensor, k: int) -> torch.Tensor:
+    flat = x.reshape(-1)
+    order = torch.sort(-flat, stable=True).indices  # descending magnitude, lower index first on ties
+    mask = torch.zeros(flat.numel(), dtype=torch.bool)
+    mask[order[:k]] = True
+    return mask.view(x.shape)
+
+
+def test_top_k_matches_stable_sort_on_random_values(seed):
+    x = torch.randn(37, 53).abs()
+    for k in (0, 1, 17, 1000, x.numel() - 1, x.numel()):
+        assert torch.equal(top_k_mask(x, k), _reference_topk(x, k)), k
+
+
+def test_top_k_breaks_ties_by_lowest_index(seed):
+    # bf16-like data: very few distinct magnitudes, many ties at every threshold
+    x = torch.randint(0, 4, (5000,)).float() * 0.125
+    for k in torch.randint(1, 5000, (10,)).tolist():
+        mask = top_k_mask(x, k)
+        assert int(mask.sum()) == k
+        assert torch.equal(mask, _reference_topk(x, k))
+
+
+def test_top_k_handles_values_differing_only_in_low_bits(seed):
+    base = torch.full((1000,), 1.5)
+    x = base + torch.randint(0, 50, (1000,)) * torch.finfo(torch.float32).eps
+    assert torch.equal(top_k_mask(x, 123), _reference_topk(x, 123))
+
+
+def test_rank_window_skips_the_top_and_keeps_the_next(seed):
+    x = torch.randn(400).abs()
+    mask = rank_window_mask(x, 10, 50)
+    ranks = torch.sort(-x, stable=True).indices
+    expected = torch.zeros(400, dtype=torch.bool)
+    expected[ranks[10:60]] = True
+    assert torch.equal(mask, expected)
