@@ -101,7 +101,15 @@ def execute(plan: MergePlan, out_dir: Path, options: MergeOptions) -> Path:
                                           options.out_shard_size))
     try:
         write_side_files(plan, tmp, options.copy_tokenizer)
-        _run(plan, writer, device, options)
+        extras = {}
+        if plan.recipe.method.prepare:
+            reader = _Reader(plan.checkpoints)
+            try:
+                extras = plan.recipe.method.prepare(
+                    plan.tasks, lambda task: _to_compute(plan, options, device, *reader.load(task)), plan.recipe.source)
+            finally:
+                reader.close()
+        _run(plan, writer, device, options, extras)
         writer.close()
         _replace_dir(tmp, out_dir)
     except BaseException:
@@ -158,7 +166,8 @@ def _task_bytes(plan: MergePlan, task: TensorTask) -> int:
     return sum(plan.checkpoints[i].tensors[n].nbytes for i, n in refs)
 
 
-def _run(plan: MergePlan, writer: ShardWriter, device: torch.device, options: MergeOptions) -> None:
+def _run(plan: MergePlan, writer: ShardWriter, device: torch.device, options: MergeOptions,
+         extras: dict[str, dict]) -> None:
     reader = _Reader(plan.checkpoints)
     pending: deque = deque()
     written = 0
@@ -175,7 +184,7 @@ def _run(plan: MergePlan, writer: ShardWriter, device: torch.device, options: Me
                     nxt += 1
                 future, _ = pending.popleft()
                 inputs, base = future.result()
-                out = merge_task(plan, task, inputs, base, device, options)
+                out = merge_task(plan, task, inputs, base, device, options, extras.get(task.name, {}))
                 writer.write(task.name, out)
                 written += tensor_nbytes(task.out_dtype, task.shape)
                 if options.progress:
@@ -184,10 +193,21 @@ def _run(plan: MergePlan, writer: ShardWriter, device: torch.device, options: Me
         reader.close()
 
 
+def _to_compute(plan: MergePlan, options: MergeOptions, device: torch.device, inputs: list[torch.Tensor],
+                base: torch.Tensor | None) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+    """Inputs on the device, rounded to the recipe's dtype, then in the compute dtype."""
+    def convert(x: torch.Tensor) -> torch.Tensor:
+        x = x.to(device)
+        if plan.load_dtype is not None:
+            x = x.to(plan.load_dtype)
+        return x.to(options.compute_dtype)
+
+    return [convert(x) for x in inputs], convert(base) if base is not None else None
+
+
 def merge_task(plan: MergePlan, task: TensorTask, inputs: list[torch.Tensor], base: torch.Tensor | None,
-               device: torch.device, options: MergeOptions) -> torch.Tensor:
-    """Merge one tensor: round inputs to the recipe dtype, compute in options.compute_dtype on the
-    device, check the result is finite, cast to the output dtype."""
+               device: torch.device, options: MergeOptions, extra: dict | None = None) -> torch.Tensor:
+    """Merge one tensor on the device, check the result is finite, cast it to the output dtype."""
     if task.copy:
         first = inputs[0]
         for (idx, _), other in zip(task.inputs[1:], inputs[1:]):
@@ -195,17 +215,9 @@ def merge_task(plan: MergePlan, task: TensorTask, inputs: list[torch.Tensor], ba
                 raise MergeError(f"tensor '{task.name}' is not floating point and differs between "
                                  f"'{plan.checkpoints[task.inputs[0][0]].ref}' and '{plan.checkpoints[idx].ref}'")
         return first
-
-    def prepare(x: torch.Tensor) -> torch.Tensor:
-        x = x.to(device)
-        if plan.load_dtype is not None:
-            x = x.to(plan.load_dtype)
-        return x.to(options.compute_dtype)
-
-    job = TensorJob(
-        name=task.name, tensors=[prepare(x) for x in inputs], base=prepare(base) if base is not None else None,
-        model_params=task.model_params, params=task.params, seed=options.seed, layer_t=task.layer_t,
-    )
+    tensors, base = _to_compute(plan, options, device, inputs, base)
+    job = TensorJob(name=task.name, tensors=tensors, base=base, model_params=task.model_params,
+                    params=task.params, seed=options.seed, layer_t=task.layer_t, extra=extra or {})
     out = plan.recipe.method.merge(job)
     if not torch.isfinite(out).all():
         raise MergeError(f"tensor '{task.name}': the merge produced NaN or Inf "

@@ -301,3 +301,21 @@ def test_cli_merges_and_reports_errors(tmp_path, family):
     run = subprocess.run([sys.executable, "-m", "mergekit_ops", str(bad), str(tmp_path / "o2"), "--quiet"],
                          cwd=ROOT, capture_output=True, text=True)
     assert run.returncode == 2 and "bad.yml" in run.stderr and "did you mean 'linear'" in run.stderr
+
+
+def test_ties_model_scope_keeps_the_global_top_k(tmp_path, family):
+    density = 0.3
+    r = _recipe(tmp_path, {"merge_method": "ties", "base_model": str(family["base"]),
+                           "parameters": {"trim_scope": "model", "normalize": False},
+                           "models": [{"model": str(family["m2"]), "parameters": {"weight": 1.0, "density": density}}]})
+    out = _load_dir(merge(r, tmp_path / "out"))
+    base, ft = _load_dir(family["base"]), _load_dir(family["m2"])
+    names = sorted(base)
+    delta = torch.cat([(ft[k] - base[k]).reshape(-1) for k in names])
+    k = int(density * delta.numel())
+    threshold = delta.abs().sort(descending=True).values[k - 1]
+    kept = torch.cat([(out[n] - base[n]).reshape(-1) for n in names]) != 0
+    assert int(kept.sum()) == k
+    assert bool((delta.abs()[kept] >= threshold).all())
+    per_tensor = [int(((out[n] - base[n]) != 0).sum()) for n in names]
+    assert len(set(p / base[n].numel() for p, n in zip(per_tensor, names))) > 1  # shares differ per tensor

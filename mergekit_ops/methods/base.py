@@ -91,6 +91,8 @@ class Method:
     random: bool = False
     doc: str = ""
     check: Callable[[dict[str, Any], list[dict[str, Any]]], str | None] | None = None  # per-tensor values
+    # whole-model statistics gathered before merging: (tasks, load, recipe source) -> {tensor: extra}
+    prepare: Callable[[list, Callable, str], dict[str, dict]] | None = None
 
 
     def param(self, name: str, per_model: bool) -> Param | None:

@@ -18,6 +18,7 @@ import torch
 
 from . import sparsify
 from .base import Method, Param, TensorJob, in_range
+from .model_trim import plan_model_trim
 
 RESCALE = Param("rescale", kind=str, choices=("l1", "inverse_density", "none"),
                 aliases=((True, "l1"), (False, "none")))
@@ -87,6 +88,7 @@ def _family(name: str, sparsifier, consensus: bool, normalize: bool, rescale: st
         params=params, model_params=(WEIGHT, DENSITY) + extra,
         base="required", min_models=1, random=random, doc=doc,
         check=_check_epsilon if EPSILON in extra else None,
+        prepare=plan_model_trim if scoped else None,
     )
 
 

@@ -1,0 +1,78 @@
+"""trim_scope: model — TIES as the paper has it: keep the top `density` share of each model's
+task vector over the WHOLE model, not per tensor.
+
+A pre-pass finds each model's global magnitude threshold with the same two-level radix histogram
+as select.py, accumulated over all tensors, then gives every tensor its exact share k_t of the
+global k: all entries above the threshold plus the threshold ties, handed out in plan order and
+lowest flat index first. The merge then keeps exactly k_t entries of that tensor, so the union is
+exactly the global top k with a defined tie-break.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, Iterable
+
+import torch
+
+from ..errors import RecipeError
+
+HI, LO = 1 << 15, 1 << 16
+
+
+def plan_model_trim(tasks: list, load: Callable[[object], tuple[list[torch.Tensor], torch.Tensor]],
+                    source: str) -> dict[str, dict]:
+    """Return {tensor name: {"trim_k": {input index: k}}} for tasks that use trim_scope: model."""
+    tasks = [t for t in tasks if not t.copy and t.params.get("trim_scope") == "model"]
+    if not tasks:
+        return {}
+    n_models = len(tasks[0].inputs)
+    densities = []
+    for i in range(n_models):
+        values = {t.model_params[i]["density"] for t in tasks}
+        if len(values) > 1:
+            raise RecipeError(f"trim_scope: model needs one density per model, model {i} has {sorted(values)}",
+                              source, "density")
+        densities.append(values.pop())
+    total = sum(math.prod(t.shape) for t in tasks)
+    want = [max(1, int(d * total)) if d < 1 else None for d in densities]
+    hi_counts = [torch.zeros(HI, dtype=torch.int64) for _ in range(n_models)]
+    for _, bits in _delta_bits(tasks, load, want):
+        for i, b in bits.items():
+            hi_counts[i] += torch.bincount(b >> 16, minlength=HI)
+    hi_cut = {i: _cut(hi_counts[i], want[i]) for i in range(n_models) if want[i] is not None}
+    lo_counts = {i: torch.zeros(LO, dtype=torch.int64) for i in hi_cut}
+    per_task: list[dict[int, tuple[int, torch.Tensor]]] = []
+    for _, bits in _delta_bits(tasks, load, want):
+        row = {}
+        for i, b in bits.items():
+            bucket, _ = hi_cut[i]
+            hi = b >> 16
+            lo = torch.bincount(b[hi == bucket] & 0xFFFF, minlength=LO)
+            lo_counts[i] += lo
+            row[i] = (int((hi > bucket).sum()), lo)
+        per_task.append(row)
+    extras: dict[str, dict] = {}
+    for i, (bucket, k_in) in hi_cut.items():
+        c, ties = _cut(lo_counts[i], k_in)
+        for task, row in zip(tasks, per_task):
+            above, lo = row[i]
+            k = above + int(lo[c + 1:].sum())
+            take = min(int(lo[c]), ties)
+            ties -= take
+            extras.setdefault(task.name, {"trim_k": {}})["trim_k"][i] = k + take
+    return extras
+
+
+def _delta_bits(tasks, load, want) -> Iterable[tuple[object, dict[int, torch.Tensor]]]:
+    for task in tasks:
+        inputs, base = load(task)
+        yield task, {i: (x - base).abs().reshape(-1).to(torch.float32).view(torch.int32)
+                     for i, x in enumerate(inputs) if want[i] is not None}
+
+
+def _cut(counts: torch.Tensor, k: int) -> tuple[int, int]:
+    """The bucket holding the k-th largest entry, and how many entries of that bucket are needed."""
+    above = counts.flip(0).cumsum(0).flip(0)
+    bucket = int((above >= k).nonzero().max())
+    needed = k - (int(above[bucket + 1]) if bucket + 1 < counts.numel() else 0)
+    return bucket, needed
