@@ -177,7 +177,5 @@ class ShardWriter:
 
     def _close_file(self) -> None:
         if self._file is not None:
-            self._file.flush()
-            os.fsync(self._file.fileno())
             self._file.close()
             self._file = None

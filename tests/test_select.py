@@ -1,7 +1,7 @@
 """Exact top-k selection: the same set a stable sort would pick, ties by lowest flat index."""
 import torch
 
-from mergekit_ops.select import rank_window_mask, top_k_mask
+from mergekit_ops.select import TopK, magnitude_bits, top_k_mask
 
 
 def _reference_topk(x: torch.Tensor, k: int) -> torch.Tensor:
@@ -33,10 +33,10 @@ def test_top_k_handles_values_differing_only_in_low_bits(seed):
     assert torch.equal(top_k_mask(x, 123), _reference_topk(x, 123))
 
 
-def test_rank_window_skips_the_top_and_keeps_the_next(seed):
-    x = torch.randn(400).abs()
-    mask = rank_window_mask(x, 10, 50)
-    ranks = torch.sort(-x, stable=True).indices
-    expected = torch.zeros(400, dtype=torch.bool)
-    expected[ranks[10:60]] = True
-    assert torch.equal(mask, expected)
+def test_streamed_chunks_select_the_same_set_as_the_whole_tensor(seed):
+    x = torch.randint(-6, 7, (10_007,)).float() * 0.5  # many ties, spread over chunk boundaries
+    k = int(torch.randint(1, 10_000, ()))
+    chunks = list(x.split(999))
+    top = TopK(lambda: (magnitude_bits(c) for c in chunks), k, x.numel())
+    streamed = torch.cat([top.mask(magnitude_bits(c)) for c in chunks])
+    assert torch.equal(streamed, _reference_topk(x.abs(), k))

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 
@@ -55,9 +55,17 @@ def in_range(lo: float, hi: float, lo_open: bool = False) -> Callable[[Any], str
     return check
 
 
+CHUNK = 1 << 20  # elements per streamed chunk: fits in cache; fixed, so random draws never depend on it
+
+
 @dataclass
 class TensorJob:
-    """One output tensor's inputs, in the compute dtype, with resolved parameters."""
+    """One output tensor's inputs, as read (on the device, in their stored dtype), and parameters.
+
+    Whole-tensor methods call `full()` for compute-dtype copies; streaming methods iterate
+    `chunks()`, which converts one cache-sized flat chunk at a time (less memory, fewer passes
+    over RAM).
+    """
 
     name: str
     tensors: list[torch.Tensor]  # the non-base inputs, recipe order
@@ -67,12 +75,52 @@ class TensorJob:
     seed: int = 0
     layer_t: float = 0.0
     extra: dict[str, Any] = field(default_factory=dict)  # whole-model statistics (trim_scope: model)
+    compute_dtype: torch.dtype = torch.float32
+    load_dtype: torch.dtype | None = None  # the recipe's dtype: inputs are rounded to it first
+    out_dtype: torch.dtype = torch.float32  # streaming methods write their output in this dtype
+
+    @property
+    def shape(self) -> torch.Size:
+        return (self.base if self.base is not None else self.tensors[0]).shape
+
+    @property
+    def numel(self) -> int:
+        return self.shape.numel()
+
+    def convert(self, x: torch.Tensor) -> torch.Tensor:
+        if self.load_dtype is not None:
+            x = x.to(self.load_dtype)
+        return x.to(self.compute_dtype)
+
+    def full(self) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+        """All inputs in the compute dtype, whole."""
+        base = self.convert(self.base) if self.base is not None else None
+        return [self.convert(x) for x in self.tensors], base
+
+    def chunks(self) -> Iterator[tuple[slice, list[torch.Tensor], torch.Tensor | None]]:
+        """(flat slice, inputs, base) per chunk, in order, in the compute dtype."""
+        flat = [x.reshape(-1) for x in self.tensors]
+        base = self.base.reshape(-1) if self.base is not None else None
+        for start in range(0, self.numel, CHUNK):
+            sl = slice(start, min(start + CHUNK, self.numel))
+            yield sl, [self.convert(x[sl]) for x in flat], self.convert(base[sl]) if base is not None else None
+
+    def delta_chunks(self, i: int) -> Iterator[tuple[slice, torch.Tensor]]:
+        """(flat slice, input i minus base) per chunk, in the compute dtype."""
+        x, base = self.tensors[i].reshape(-1), self.base.reshape(-1)
+        for start in range(0, self.numel, CHUNK):
+            sl = slice(start, min(start + CHUNK, self.numel))
+            yield sl, self.convert(x[sl]) - self.convert(base[sl])
+
+    def empty_output(self) -> torch.Tensor:
+        """A flat output buffer that streaming methods fill chunk by chunk."""
+        return torch.empty(self.numel, dtype=self.out_dtype, device=(self.base if self.base is not None
+                                                                      else self.tensors[0]).device)
 
     def generator(self, index: int) -> torch.Generator:
         """A generator private to (seed, tensor, input): results never depend on scheduling."""
         digest = hashlib.blake2b(f"{self.seed}\0{self.name}\0{index}".encode(), digest_size=8).digest()
-        device = self.tensors[0].device if self.tensors else torch.device("cpu")
-        gen = torch.Generator(device=device)
+        gen = torch.Generator(device=self.tensors[0].device if self.tensors else "cpu")
         gen.manual_seed(int.from_bytes(digest, "little") & ((1 << 63) - 1))
         return gen
 

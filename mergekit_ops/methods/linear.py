@@ -8,12 +8,14 @@ from .base import Method, Param, TensorJob
 
 def merge_linear(job: TensorJob) -> torch.Tensor:
     weights = [p["weight"] for p in job.model_params]
-    out = torch.zeros_like(job.tensors[0])
-    for w, x in zip(weights, job.tensors):
-        out.add_(x, alpha=w)
-    if job.params["normalize"]:
-        out.div_(sum(weights))
-    return out
+    scale = 1.0 / sum(weights) if job.params["normalize"] else 1.0
+    out = job.empty_output()
+    for sl, xs, _ in job.chunks():
+        acc = xs[0] * (weights[0] * scale)
+        for w, x in zip(weights[1:], xs[1:]):
+            acc.add_(x, alpha=w * scale)
+        out[sl] = acc
+    return out.view(job.shape)
 
 
 def check_linear(params: dict, model_params: list[dict]) -> str | None:

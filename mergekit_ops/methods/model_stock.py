@@ -8,24 +8,42 @@ import torch
 from .base import Method, Param, TensorJob
 
 
-def merge_model_stock(job: TensorJob) -> torch.Tensor:
-    """t = N*cos / (1 + (N-1)*cos), cos the mean pairwise cosine of the offsets (per row if filter_wise)."""
-    base = job.base
-    if job.params["filter_wise"]:
-        offsets = [(x - base).reshape(-1, base.shape[-1]) if base.dim() else (x - base).reshape(1, 1)
-                   for x in job.tensors]
-    else:
-        offsets = [(x - base).reshape(1, -1) for x in job.tensors]
-    cos = torch.stack([
-        ((a * b).sum(-1) / (a.norm(dim=-1) * b.norm(dim=-1)).clamp_min(1e-6)).clamp(-1, 1)
-        for a, b in itertools.combinations(offsets, 2)
-    ]).mean(0)
-    n = len(offsets)
+def stock_ratio(n: int, cos: torch.Tensor) -> torch.Tensor:
+    """t = N*cos / (1 + (N-1)*cos), or 0 where the denominator vanishes."""
     denom = 1 + (n - 1) * cos
-    t = torch.where(denom.abs() < 1e-6, torch.zeros_like(cos), n * cos / denom)
-    t = t.reshape(*base.shape[:-1], 1) if job.params["filter_wise"] and base.dim() else t.reshape(())
-    mean = torch.stack(job.tensors).mean(0)
-    return t * mean + (1 - t) * base
+    return torch.where(denom.abs() < 1e-6, torch.zeros_like(cos), n * cos / denom)
+
+
+def merge_model_stock(job: TensorJob) -> torch.Tensor:
+    """cos is the mean pairwise cosine of the offsets x_i - base: of the whole tensors (streamed),
+    or per row along the last dim with filter_wise."""
+    n = len(job.tensors)
+    pairs = list(itertools.combinations(range(n), 2))
+    if job.params["filter_wise"]:
+        xs, base = job.full()
+        offsets = [(x - base).reshape(-1, base.shape[-1] if base.dim() else 1) for x in xs]
+        cos = torch.stack([_cos((offsets[i] * offsets[j]).sum(-1), offsets[i].norm(dim=-1) * offsets[j].norm(dim=-1))
+                           for i, j in pairs]).mean(0)
+        t = stock_ratio(n, cos).reshape(*base.shape[:-1], 1) if base.dim() else stock_ratio(n, cos).reshape(())
+        return t * torch.stack(xs).mean(0) + (1 - t) * base
+    dots = torch.zeros(n, n, dtype=torch.float64)
+    for _, xs, base in job.chunks():
+        offsets = torch.stack([x - base for x in xs])
+        dots += (offsets @ offsets.T).double().cpu()
+    norms = dots.diagonal().sqrt()
+    cos = torch.stack([_cos(dots[i, j], norms[i] * norms[j]) for i, j in pairs]).mean()
+    t = float(stock_ratio(n, cos))
+    out = job.empty_output()
+    for sl, xs, base in job.chunks():
+        mean = xs[0].clone()
+        for x in xs[1:]:
+            mean += x
+        out[sl] = torch.add(base * (1 - t), mean, alpha=t / n)
+    return out.view(job.shape)
+
+
+def _cos(dot: torch.Tensor, norm_product: torch.Tensor) -> torch.Tensor:
+    return (dot / norm_product.clamp_min(1e-6)).clamp(-1, 1)
 
 
 METHOD = Method(

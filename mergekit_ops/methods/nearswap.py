@@ -7,9 +7,11 @@ from .base import Method, Param, TensorJob
 
 
 def merge_nearswap(job: TensorJob) -> torch.Tensor:
-    base, other = job.base, job.tensors[0]
-    w = (job.params["t"] / (base - other).abs().clamp_min(1e-6)).clamp_(0, 1)
-    return w * other + (1 - w) * base
+    out = job.empty_output()
+    for sl, (other,), base in job.chunks():
+        w = (job.params["t"] / (base - other).abs().clamp_min(1e-6)).clamp_(0, 1)
+        out[sl] = torch.lerp(base, other, w)
+    return out.view(job.shape)
 
 
 METHOD = Method(

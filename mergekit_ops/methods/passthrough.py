@@ -8,7 +8,8 @@ from .base import Method, Param, TensorJob
 
 def merge_passthrough(job: TensorJob) -> torch.Tensor:
     scale = job.model_params[0]["scale"]
-    return job.tensors[0] * scale if scale is not None else job.tensors[0]
+    x = job.convert(job.tensors[0])
+    return x * scale if scale is not None else x
 
 
 METHOD = Method(

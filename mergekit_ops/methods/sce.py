@@ -8,8 +8,8 @@ from .base import Method, Param, TensorJob, in_range
 
 
 def merge_sce(job: TensorJob) -> torch.Tensor:
-    base = job.base
-    deltas = torch.stack([x - base for x in job.tensors])
+    xs, base = job.full()
+    deltas = torch.stack([x - base for x in xs])
     topk = job.params["select_topk"]
     if topk < 1:
         var = deltas.var(dim=0, unbiased=False)
@@ -17,7 +17,7 @@ def merge_sce(job: TensorJob) -> torch.Tensor:
         deltas = deltas * top_k_mask(var, k)
     energy = (deltas ** 2).mean(dim=tuple(range(1, deltas.dim())))
     total = float(energy.sum())
-    weights = energy / total if total >= 1e-6 else torch.full_like(energy, 1.0 / len(job.tensors))
+    weights = energy / total if total >= 1e-6 else torch.full_like(energy, 1.0 / len(xs))
     majority = torch.where(deltas.sum(0) >= 0, 1.0, -1.0).to(deltas.dtype)
     agree = deltas.sign() == majority
     w = weights.reshape(-1, *([1] * (deltas.dim() - 1))) * agree

@@ -11,24 +11,33 @@ DOT_THRESHOLD = 0.9995
 EPS = 1e-8
 
 
-def slerp(t: float, v0: torch.Tensor, v1: torch.Tensor) -> torch.Tensor:
-    """Angle from the unit vectors of the flattened tensors; the raw tensors are interpolated.
+def slerp_coefficients(t: float, sq0: float, sq1: float, dot: float) -> tuple[float, float]:
+    """Coefficients of (v0, v1) from the squared norms and dot product of the flattened tensors.
 
-    Nearly colinear inputs (|cos| > 0.9995) fall back to linear interpolation.
+    The angle is that of the unit vectors (norms at or below 1e-8 count as 1); the raw tensors
+    are interpolated. Nearly colinear inputs (|cos| > 0.9995) fall back to linear interpolation.
     """
-    n0, n1 = float(v0.norm()), float(v1.norm())
-    dot = float((v0 / (n0 if n0 > EPS else 1.0) * (v1 / (n1 if n1 > EPS else 1.0))).sum())
-    dot = min(max(dot, -1.0), 1.0)
-    if abs(dot) > DOT_THRESHOLD:
-        return torch.lerp(v0, v1, t)
-    theta = math.acos(dot)
-    s0 = math.sin(theta * (1 - t)) / math.sin(theta)
-    s1 = math.sin(theta * t) / math.sin(theta)
-    return v0 * s0 + v1 * s1
+    n0, n1 = math.sqrt(sq0), math.sqrt(sq1)
+    cos = dot / ((n0 if n0 > EPS else 1.0) * (n1 if n1 > EPS else 1.0))
+    cos = min(max(cos, -1.0), 1.0)
+    if abs(cos) > DOT_THRESHOLD:
+        return 1 - t, t
+    theta = math.acos(cos)
+    return math.sin(theta * (1 - t)) / math.sin(theta), math.sin(theta * t) / math.sin(theta)
 
 
 def merge_slerp(job: TensorJob) -> torch.Tensor:
-    return slerp(job.params["t"], job.base, job.tensors[0])
+    """Two streamed passes: norms and dot product (float64 sums), then the interpolation."""
+    sq0 = sq1 = dot = 0.0
+    for _, (x,), base in job.chunks():
+        sq0 += float(torch.dot(base, base))
+        sq1 += float(torch.dot(x, x))
+        dot += float(torch.dot(base, x))
+    c0, c1 = slerp_coefficients(job.params["t"], sq0, sq1, dot)
+    out = job.empty_output()
+    for sl, (x,), base in job.chunks():
+        out[sl] = torch.add(base * c0, x, alpha=c1)
+    return out.view(job.shape)
 
 
 METHOD = Method(

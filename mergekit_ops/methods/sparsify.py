@@ -1,68 +1,111 @@
 """Sparsifiers for task vectors: which entries of a delta survive, and how survivors are rescaled.
 
-Rescale modes: 'l1' multiplies the survivors so the tensor keeps its L1 norm (mergekit's
-behaviour); 'inverse_density' divides by density (the DARE paper); 'none' leaves them.
+Each sparsifier is built for one (tensor, input): its constructor makes the passes it needs over
+the delta (thresholds, norms), then `apply` is called once per chunk, in order.
+
+Rescale modes: 'l1' scales the survivors so the tensor keeps its L1 norm (mergekit's behaviour;
+skipped when either norm is below 1e-7); 'inverse_density' divides by density (the DARE paper);
+'none' leaves them.
 """
 from __future__ import annotations
 
+import copy
+
 import torch
 
-from ..select import rank_window_mask, top_k_mask
+from ..select import TopK, magnitude_bits
+from .base import TensorJob
 
 
-def rescale(delta: torch.Tensor, kept: torch.Tensor, mode: str, density: float) -> torch.Tensor:
-    if mode == "none":
-        return kept
-    if mode == "inverse_density":
-        return kept / density
-    before, after = delta.abs().sum(), kept.abs().sum()
-    if before < 1e-7 or after < 1e-7:
-        return kept
-    return kept * (before / after)
+class Sparsifier:
+    """Keeps everything (density >= 1); subclasses override `keep`."""
 
+    scale = 1.0
 
-def magnitude(delta: torch.Tensor, density: float, mode: str, k: int | None = None) -> torch.Tensor:
-    """Keep the `density` share of entries with the largest magnitude (exactly k, ties by index)."""
-    if density >= 1 and k is None:
+    def keep(self, sl: slice, delta: torch.Tensor) -> torch.Tensor:
         return delta
-    k = int(density * delta.numel()) if k is None else k
-    return rescale(delta, delta * top_k_mask(delta.abs(), k), mode, density)
+
+    def apply(self, sl: slice, delta: torch.Tensor) -> torch.Tensor:
+        kept = self.keep(sl, delta)
+        return kept * self.scale if self.scale != 1.0 else kept
+
+    def _set_scale(self, job: TensorJob, i: int, mode: str, density: float, replay: "Sparsifier") -> None:
+        """replay: an identical sparsifier whose masks are drawn for the L1 norm pass."""
+        if mode == "inverse_density":
+            self.scale = 1.0 / density
+        elif mode == "l1":
+            before = after = 0.0
+            for sl, d in job.delta_chunks(i):
+                before += float(d.abs().sum())
+                after += float(replay.keep(sl, d).abs().sum())
+            self.scale = before / after if before >= 1e-7 and after >= 1e-7 else 1.0
 
 
-def bernoulli(delta: torch.Tensor, density: float, mode: str, gen: torch.Generator) -> torch.Tensor:
-    """Keep each entry independently with probability `density` (DARE)."""
-    if density >= 1:
-        return delta
-    keep = torch.rand(delta.shape, generator=gen, device=delta.device) < density
-    return rescale(delta, delta * keep, mode, density)
+class Magnitude(Sparsifier):
+    """Keep the k = max(1, floor(density * numel)) largest magnitudes (ties by lowest index)."""
+
+    def __init__(self, job: TensorJob, i: int, density: float, mode: str, k: int | None = None):
+        k = max(1, int(density * job.numel)) if k is None else k
+        self.top = TopK(lambda: (magnitude_bits(d) for _, d in job.delta_chunks(i)), k, job.numel)
+        self._set_scale(job, i, mode, density, copy.deepcopy(self))
+
+    def keep(self, sl, delta):
+        return delta * self.top.mask(magnitude_bits(delta))
 
 
-def breadcrumbs(delta: torch.Tensor, density: float, gamma: float, mode: str) -> torch.Tensor:
-    """Drop the largest `gamma` share (outliers) and the smallest entries; keep `density`."""
-    if density >= 1:
-        return delta
-    n = delta.numel()
-    keep, top = int(density * n), int(gamma * n)
-    top = min(top, n - keep)
-    return rescale(delta, delta * rank_window_mask(delta.abs(), top, keep), mode, density)
+class Window(Sparsifier):
+    """Breadcrumbs: drop the floor(gamma * n) largest (fewer if density + gamma > 1) and the smallest;
+    keep floor(density * n)."""
+
+    def __init__(self, job: TensorJob, i: int, density: float, gamma: float, mode: str):
+        n = job.numel
+        keep, top = int(density * n), int(gamma * n)
+        top = min(top, n - keep)
+        bits = lambda: (magnitude_bits(d) for _, d in job.delta_chunks(i))  # noqa: E731
+        self.upto, self.skip = TopK(bits, top + keep, n), TopK(bits, top, n)
+        self._set_scale(job, i, mode, density, copy.deepcopy(self))
+
+    def keep(self, sl, delta):
+        bits = magnitude_bits(delta)
+        return delta * (self.upto.mask(bits) & ~self.skip.mask(bits))
 
 
-def della(delta: torch.Tensor, density: float, epsilon: float, mode: str, gen: torch.Generator) -> torch.Tensor:
-    """MAGPRUNE: along dim 1, keep probability rises linearly with magnitude rank from
-    density - epsilon (smallest) to density + epsilon (largest). 'inverse_density' here divides each
+class Bernoulli(Sparsifier):
+    """DARE: keep each entry with probability density, drawn from the (tensor, input) generator."""
+
+    def __init__(self, job: TensorJob, i: int, density: float, mode: str):
+        self.density, self.gen = density, job.generator(i)
+        if mode == "l1":
+            self._set_scale(job, i, mode, density, Bernoulli(job, i, density, "none"))
+        else:
+            self._set_scale(job, i, mode, density, self)
+
+    def keep(self, sl, delta):
+        return delta * (torch.rand(delta.shape, generator=self.gen, device=delta.device) < self.density)
+
+
+class Della(Sparsifier):
+    """MAGPRUNE: along dim 1, keep probability rises linearly with magnitude rank, from
+    density - epsilon (smallest) to density + epsilon (largest). 'inverse_density' divides each
     survivor by its own keep probability, as the DELLA paper does; 'l1' is mergekit's."""
-    if density >= 1:
-        return delta
-    lanes = delta.reshape(1, -1) if delta.dim() < 2 else delta.movedim(1, -1)
-    n = lanes.shape[-1]
-    order = lanes.abs().argsort(dim=-1, stable=True)
-    ranks = torch.empty_like(order)
-    ranks.scatter_(-1, order, torch.arange(n, device=delta.device).expand_as(order))
-    probs = (density - epsilon) + (2 * epsilon / max(n - 1, 1)) * ranks.to(delta.dtype)
-    keep = torch.rand(lanes.shape, generator=gen, device=delta.device) < probs
-    if mode == "inverse_density":
-        kept = torch.where(keep, lanes / probs, torch.zeros_like(lanes))
-    else:
-        kept = lanes * keep
-    kept = kept.reshape(delta.shape) if delta.dim() < 2 else kept.movedim(-1, 1)
-    return rescale(delta, kept, mode, density) if mode == "l1" else kept
+
+    def __init__(self, job: TensorJob, i: int, density: float, epsilon: float, mode: str):
+        xs, base = job.full()
+        delta = xs[i] - base
+        lanes = delta.reshape(1, -1) if delta.dim() < 2 else delta.movedim(1, -1)
+        n = lanes.shape[-1]
+        order = lanes.abs().argsort(dim=-1, stable=True)
+        ranks = torch.empty_like(order)
+        ranks.scatter_(-1, order, torch.arange(n, device=delta.device).expand_as(order))
+        probs = (density - epsilon) + (2 * epsilon / max(n - 1, 1)) * ranks.to(delta.dtype)
+        keep = torch.rand(lanes.shape, generator=job.generator(i), device=delta.device) < probs
+        kept = torch.where(keep, lanes / probs, 0.0) if mode == "inverse_density" else lanes * keep
+        kept = kept.reshape(-1) if delta.dim() < 2 else kept.movedim(-1, 1).reshape(-1)
+        if mode == "l1":
+            before, after = float(delta.abs().sum()), float(kept.abs().sum())
+            if before >= 1e-7 and after >= 1e-7:
+                kept *= before / after
+        self.kept = kept
+
+    def apply(self, sl, delta):
+        return self.kept[sl]

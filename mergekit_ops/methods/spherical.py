@@ -26,9 +26,9 @@ def merge_nuslerp(job: TensorJob) -> torch.Tensor:
     """Two models, t = w1 / (w0 + w1); with a base, slerp the task vectors and add the base back."""
     w0, w1 = (p["weight"] for p in job.model_params)
     t = w1 / (w0 + w1) if abs(w0 + w1) >= 1e-6 else 0.5
-    v0, v1 = job.tensors
-    if job.base is not None:
-        v0, v1 = v0 - job.base, v1 - job.base
+    (v0, v1), base = job.full()
+    if base is not None:
+        v0, v1 = v0 - base, v1 - base
     shape = v0.shape
     if job.params["nuslerp_flatten"]:
         out = _pairwise_slerp(t, v0.reshape(-1), v1.reshape(-1))
@@ -37,15 +37,16 @@ def merge_nuslerp(job: TensorJob) -> torch.Tensor:
     else:
         out = _pairwise_slerp(t, v0, v1)
     out = out.reshape(shape)
-    return out + job.base if job.base is not None else out
+    return out + base if base is not None else out
 
 
 def merge_multislerp(job: TensorJob) -> torch.Tensor:
     """Weighted mean direction on the sphere (one tangent-space step), scaled by the mean norm."""
-    if len(job.tensors) == 1:
-        return job.tensors[0]
+    xs, base = job.full()
+    if len(xs) == 1:
+        return xs[0]
     eps = job.params["eps"]
-    vecs = [(x - job.base if job.base is not None else x).reshape(-1) for x in job.tensors]
+    vecs = [(x - base if base is not None else x).reshape(-1) for x in xs]
     weights = [p["weight"] for p in job.model_params]
     if job.params["normalize_weights"]:
         total = sum(weights)
@@ -62,18 +63,18 @@ def merge_multislerp(job: TensorJob) -> torch.Tensor:
         tangent = sum(w * (u - (u * mean).sum() * mean) for w, u in zip(weights, units))
         step = tangent.norm() + eps
         out = (mean * step.cos() + tangent * (step.sin() / step)) * sum(w * n for w, n in zip(weights, norms))
-    out = out.reshape(job.tensors[0].shape)
-    return out + job.base if job.base is not None else out
+    out = out.reshape(job.shape)
+    return out + base if base is not None else out
 
 
 def merge_karcher(job: TensorJob) -> torch.Tensor:
     """Riemannian (Karcher) mean of the unit vectors, equal weights, rescaled by the mean norm."""
     max_iter, tol = job.params["max_iter"], job.params["tol"]
-    vecs = [x.reshape(-1) for x in job.tensors]
+    vecs = [x.reshape(-1) for x in job.full()[0]]
     norms = [float(v.norm()) for v in vecs]
     valid = [(v / n, 1.0) for v, n in zip(vecs, norms) if n > tol]
     if not valid:
-        return torch.zeros_like(job.tensors[0])
+        return torch.zeros_like(vecs[0]).reshape(job.shape)
     alpha = 1.0 / len(valid)
     units = [u for u, _ in valid]
     mean = sum(alpha * u for u in units)
@@ -95,7 +96,7 @@ def merge_karcher(job: TensorJob) -> torch.Tensor:
         if m_norm > tol:
             mean = mean / m_norm
     scale = sum(norms) / len(vecs)
-    return (mean * scale).reshape(job.tensors[0].shape)
+    return (mean * scale).reshape(job.shape)
 
 
 WEIGHT = Param("weight", kind=float)

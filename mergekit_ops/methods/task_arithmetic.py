@@ -16,7 +16,7 @@ from typing import Callable
 
 import torch
 
-from . import sparsify
+from .sparsify import Bernoulli, Della, Magnitude, Sparsifier, Window
 from .base import Method, Param, TensorJob, in_range
 from .model_trim import plan_model_trim
 
@@ -28,54 +28,54 @@ DENSITY = Param("density", 1.0, float, check=in_range(0.0, 1.0, lo_open=True))
 
 
 def generalized_merge(job: TensorJob, sparsifier: Callable | None, consensus: bool) -> torch.Tensor:
-    base = job.base
+    """Streams the tensor in chunks: sparsifiers make their passes first, then one pass merges."""
     if not job.tensors:
-        return base
+        return job.convert(job.base)
     mode = job.params["rescale"]
-    weighted, weights = [], []
-    for i, (x, p) in enumerate(zip(job.tensors, job.model_params)):
-        delta = x - base
-        if sparsifier is not None:
-            delta = sparsifier(delta, p, mode, job, i)
-        weighted.append(delta.mul_(p["weight"]))
-        weights.append(p["weight"])
-    if consensus:
-        total = torch.stack(weighted).sum(0)
-        majority = torch.where(total >= 0, 1.0, -1.0).to(total.dtype)
-        mix = torch.zeros_like(base)
-        divisor = torch.zeros_like(base)
-        for d, w in zip(weighted, weights):
-            agree = d.sign() == majority
-            mix += d * agree
-            divisor += agree * w
-        divisor[divisor == 0] = 1
-    else:
-        mix = weighted[0]
-        for d in weighted[1:]:
-            mix += d
-        divisor = sum(weights)
-        divisor = divisor if abs(divisor) >= 1e-8 else 1.0
-    if job.params["normalize"]:
-        mix = mix / divisor
-    lam = job.params["lambda"]
-    return base + (mix * lam if lam != 1 else mix)
+    weights = [p["weight"] for p in job.model_params]
+    sparse = [sparsifier(job, i, p, mode) if sparsifier else Sparsifier() for i, p in enumerate(job.model_params)]
+    normalize, lam = job.params["normalize"], job.params["lambda"]
+    total_weight = sum(weights) if abs(sum(weights)) >= 1e-8 else 1.0
+    out = job.empty_output()
+    for sl, xs, base in job.chunks():
+        deltas = [s.apply(sl, x - base).mul_(w) for s, x, w in zip(sparse, xs, weights)]
+        if consensus:
+            positive = sum(deltas) >= 0  # the elected sign; a zero sum counts as +
+            mix = torch.zeros_like(base)
+            divisor = torch.zeros_like(base)
+            for d, w in zip(deltas, weights):
+                agree = torch.where(positive, d > 0, d < 0)
+                mix += d * agree
+                divisor += agree * w
+            divisor[divisor == 0] = 1
+        else:
+            mix = deltas[0]
+            for d in deltas[1:]:
+                mix += d
+            divisor = total_weight
+        if normalize:
+            mix /= divisor
+        out[sl] = torch.add(base, mix, alpha=lam)
+    return out.view(job.shape)
 
 
-def _magnitude(delta, p, mode, job, i):
+def _magnitude(job, i, p, mode):
+    if p["density"] >= 1 and "trim_k" not in job.extra:
+        return Sparsifier()
     k = job.extra.get("trim_k", {}).get(i)  # trim_scope: model gives this tensor's share of the global k
-    return sparsify.magnitude(delta, p["density"], mode, k)
+    return Magnitude(job, i, p["density"], mode, k) if p["density"] < 1 or k is not None else Sparsifier()
 
 
-def _bernoulli(delta, p, mode, job, i):
-    return sparsify.bernoulli(delta, p["density"], mode, job.generator(i))
+def _bernoulli(job, i, p, mode):
+    return Bernoulli(job, i, p["density"], mode) if p["density"] < 1 else Sparsifier()
 
 
-def _breadcrumbs(delta, p, mode, job, i):
-    return sparsify.breadcrumbs(delta, p["density"], p["gamma"], mode)
+def _breadcrumbs(job, i, p, mode):
+    return Window(job, i, p["density"], p["gamma"], mode) if p["density"] < 1 else Sparsifier()
 
 
-def _della(delta, p, mode, job, i):
-    return sparsify.della(delta, p["density"], p["epsilon"], mode, job.generator(i))
+def _della(job, i, p, mode):
+    return Della(job, i, p["density"], p["epsilon"], mode) if p["density"] < 1 else Sparsifier()
 
 
 def _family(name: str, sparsifier, consensus: bool, normalize: bool, rescale: str, extra=(), random=False,
