@@ -239,3 +239,23 @@ def test_ties_variants_at_density_one_equal_ties(method, seed):
     mp = [{"weight": w, "density": 1.0} for w in (torch.rand(3) + 0.1).tolist()]
     out = _run(method, xs, base, mp, normalize=True)
     _close(out, _ties_ref(base, xs, [p["weight"] for p in mp], 1.0))
+
+
+@pytest.mark.parametrize("method,params,model_params", [
+    ("linear", {}, {"weight": 0.7}),
+    ("task_arithmetic", {}, {"weight": 0.7}),
+    ("ties", {}, {"weight": 0.7, "density": 0.4}),
+    ("breadcrumbs_ties", {}, {"weight": 0.7, "density": 0.4, "gamma": 0.05}),
+    ("slerp", {"t": 0.3}, {}),
+    ("model_stock", {}, {}),
+    ("nearswap", {"t": 0.05}, {}),
+])
+def test_streamed_methods_do_not_depend_on_chunk_boundaries(method, params, model_params, seed, monkeypatch):
+    n = 1 if method in ("slerp", "nearswap") else 3
+    base = torch.randn(SHAPE).bfloat16()
+    xs = [(base.float() + 0.1 * torch.randn(SHAPE)).bfloat16() for _ in range(n)]  # bf16: many magnitude ties
+    uses_base = method != "linear"
+    args = (xs, base if uses_base else None, [dict(model_params) for _ in xs])
+    whole = _run(method, *args, **params)
+    monkeypatch.setattr("mergekit_ops.methods.base.CHUNK", 7)
+    torch.testing.assert_close(_run(method, *args, **params), whole, atol=1e-6, rtol=1e-5)

@@ -98,19 +98,31 @@ class TensorJob:
         return [self.convert(x) for x in self.tensors], base
 
     def chunks(self) -> Iterator[tuple[slice, list[torch.Tensor], torch.Tensor | None]]:
-        """(flat slice, inputs, base) per chunk, in order, in the compute dtype."""
-        flat = [x.reshape(-1) for x in self.tensors]
-        base = self.base.reshape(-1) if self.base is not None else None
+        """(flat slice, inputs, base) per chunk, in order, in the compute dtype.
+
+        The tensors are scratch buffers allocated once and refilled for every chunk: free to
+        modify in place, valid until the next chunk.
+        """
+        sources = [x.reshape(-1) for x in self.tensors] + ([self.base.reshape(-1)] if self.base is not None else [])
+        size = min(CHUNK, self.numel)
+        buffers = [torch.empty(size, dtype=self.compute_dtype, device=x.device) for x in sources]
         for start in range(0, self.numel, CHUNK):
             sl = slice(start, min(start + CHUNK, self.numel))
-            yield sl, [self.convert(x[sl]) for x in flat], self.convert(base[sl]) if base is not None else None
+            views = [self._fill(buf[:sl.stop - sl.start], x[sl]) for buf, x in zip(buffers, sources)]
+            yield (sl, views, None) if self.base is None else (sl, views[:-1], views[-1])
 
     def delta_chunks(self, i: int) -> Iterator[tuple[slice, torch.Tensor]]:
-        """(flat slice, input i minus base) per chunk, in the compute dtype."""
+        """(flat slice, input i minus base) per chunk, in the compute dtype, in reused buffers."""
         x, base = self.tensors[i].reshape(-1), self.base.reshape(-1)
+        size = min(CHUNK, self.numel)
+        buf, base_buf = (torch.empty(size, dtype=self.compute_dtype, device=x.device) for _ in range(2))
         for start in range(0, self.numel, CHUNK):
             sl = slice(start, min(start + CHUNK, self.numel))
-            yield sl, self.convert(x[sl]) - self.convert(base[sl])
+            n = sl.stop - sl.start
+            yield sl, self._fill(buf[:n], x[sl]).sub_(self._fill(base_buf[:n], base[sl]))
+
+    def _fill(self, buf: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return buf.copy_(x.to(self.load_dtype) if self.load_dtype is not None else x)
 
     def empty_output(self) -> torch.Tensor:
         """A flat output buffer that streaming methods fill chunk by chunk."""

@@ -38,7 +38,7 @@ def generalized_merge(job: TensorJob, sparsifier: Callable | None, consensus: bo
     total_weight = sum(weights) if abs(sum(weights)) >= 1e-8 else 1.0
     out = job.empty_output()
     for sl, xs, base in job.chunks():
-        deltas = [s.apply(sl, x - base).mul_(w) for s, x, w in zip(sparse, xs, weights)]
+        deltas = [s.apply(sl, x.sub_(base)).mul_(w) for s, x, w in zip(sparse, xs, weights)]
         if consensus:
             positive = sum(deltas) >= 0  # the elected sign; a zero sum counts as +
             mix = torch.zeros_like(base)
@@ -55,7 +55,7 @@ def generalized_merge(job: TensorJob, sparsifier: Callable | None, consensus: bo
             divisor = total_weight
         if normalize:
             mix /= divisor
-        out[sl] = torch.add(base, mix, alpha=lam)
+        out[sl] = base.add_(mix, alpha=lam)
     return out.view(job.shape)
 
 
