@@ -50,7 +50,7 @@ class Magnitude(Sparsifier):
         self._set_scale(job, i, mode, density, copy.deepcopy(self))
 
     def keep(self, sl, delta):
-        return delta * self.top.mask(magnitude_bits(delta))
+        return delta.mul_(self.top.mask(magnitude_bits(delta)))
 
 
 class Window(Sparsifier):
@@ -67,7 +67,7 @@ class Window(Sparsifier):
 
     def keep(self, sl, delta):
         bits = magnitude_bits(delta)
-        return delta * (self.upto.mask(bits) & ~self.skip.mask(bits))
+        return delta.mul_(self.upto.mask(bits) & ~self.skip.mask(bits))
 
 
 class Bernoulli(Sparsifier):
@@ -81,7 +81,7 @@ class Bernoulli(Sparsifier):
             self._set_scale(job, i, mode, density, self)
 
     def keep(self, sl, delta):
-        return delta * (torch.rand(delta.shape, generator=self.gen, device=delta.device) < self.density)
+        return delta.mul_(torch.rand(delta.shape, generator=self.gen, device=delta.device) < self.density)
 
 
 class Della(Sparsifier):

@@ -24,6 +24,7 @@ RESCALE = Param("rescale", kind=str, choices=("l1", "inverse_density", "none"),
                 aliases=((True, "l1"), (False, "none")))
 COMMON = (Param("lambda", 1.0, float), Param("int8_mask", False, bool))
 WEIGHT = Param("weight", kind=float)
+ONE = torch.tensor(1.0)
 DENSITY = Param("density", 1.0, float, check=in_range(0.0, 1.0, lo_open=True))
 
 
@@ -40,14 +41,18 @@ def generalized_merge(job: TensorJob, sparsifier: Callable | None, consensus: bo
     for sl, xs, base in job.chunks():
         deltas = [s.apply(sl, x.sub_(base)).mul_(w) for s, x, w in zip(sparse, xs, weights)]
         if consensus:
-            positive = sum(deltas) >= 0  # the elected sign; a zero sum counts as +
+            # the elected sign; a zero sum counts as + (a -0.0 sum means every delta is zero, so none agrees)
+            sign = torch.copysign(ONE.to(base.device), sum(deltas))
             mix = torch.zeros_like(base)
-            divisor = torch.zeros_like(base)
+            divisor = torch.zeros_like(base) if normalize else 1.0
             for d, w in zip(deltas, weights):
-                agree = torch.where(positive, d > 0, d < 0)
-                mix += d * agree
-                divisor += agree * w
-            divisor[divisor == 0] = 1
+                agreeing = d.mul_(sign).clamp_(min=0)  # |d| where d has the elected sign, else 0
+                mix += agreeing
+                if normalize:
+                    divisor.add_(agreeing.sign(), alpha=w)
+            mix *= sign
+            if normalize:
+                divisor.masked_fill_(divisor == 0, 1)
         else:
             mix = deltas[0]
             for d in deltas[1:]:
