@@ -69,9 +69,9 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
     return infos, metadata
 
 
-def read_tensor(info: TensorInfo, fd: int | None = None) -> torch.Tensor:
-    """Read one tensor into fresh memory (a private copy, never a view of a mapping)."""
-    buf = torch.empty(info.nbytes, dtype=torch.uint8)
+def read_tensor(info: TensorInfo, fd: int | None = None, buf: torch.Tensor | None = None) -> torch.Tensor:
+    """Read one tensor into private memory (never a view of a mapping); `buf` (uint8, nbytes) to reuse."""
+    buf = torch.empty(info.nbytes, dtype=torch.uint8) if buf is None else buf
     view = memoryview(buf.numpy())
     own = fd is None
     if own:
