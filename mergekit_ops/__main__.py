@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import sys
 
@@ -58,6 +59,9 @@ def keep_freed_memory() -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     keep_freed_memory()
+    # Idle OpenMP workers otherwise spin for the CPU that our read and write threads need
+    # (and, on a busy machine, that other processes need): a 4-5x slowdown under contention.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     import torch
 
     from .engine import MergeOptions, merge_file
