@@ -37,7 +37,7 @@ class MergeOptions:
     allow_crimes: bool = False
     copy_tokenizer: bool = True
     compute_dtype: torch.dtype = torch.float32
-    read_ahead_bytes: int = 512 * 2**20
+    read_ahead_bytes: int = 256 * 2**20
     progress: Callable[[int, int, int], None] | None = None  # (tensors done, total, bytes written)
 
 

@@ -71,17 +71,42 @@ class Window(Sparsifier):
 
 
 class Bernoulli(Sparsifier):
-    """DARE: keep each entry with probability density, drawn from the (tensor, input) generator."""
+    """DARE: keep each entry with probability density, drawn from the (tensor, input) generator.
+
+    An entry is kept when a uniform 24-bit integer is below round(density * 2**24): half the
+    generator work of float draws. With the L1 rescale, the masks of the norm pass are kept for
+    the merge pass instead of being drawn twice.
+    """
 
     def __init__(self, job: TensorJob, i: int, density: float, mode: str):
-        self.density, self.gen = density, job.generator(i)
+        self.threshold, self.gen = round(density * (1 << 24)), job.generator(i)
+        self.masks: list[torch.Tensor] | None = None
         if mode == "l1":
-            self._set_scale(job, i, mode, density, Bernoulli(job, i, density, "none"))
+            self.masks = []
+            self._set_scale(job, i, mode, density, _Recording(self))
+            self.masks.reverse()
         else:
             self._set_scale(job, i, mode, density, self)
 
+    def draw(self, n: int, device: torch.device) -> torch.Tensor:
+        words = torch.empty((n + 1) // 2, dtype=torch.int64, device=device).random_(generator=self.gen)
+        return (words.view(torch.int32)[:n] & 0xFFFFFF) < self.threshold
+
     def keep(self, sl, delta):
-        return delta.mul_(torch.rand(delta.shape, generator=self.gen, device=delta.device) < self.density)
+        mask = self.masks.pop() if self.masks else self.draw(delta.numel(), delta.device)
+        return delta.mul_(mask)
+
+
+class _Recording(Sparsifier):
+    """Draws a Bernoulli sparsifier's masks for the norm pass and stores them for the merge pass."""
+
+    def __init__(self, owner: Bernoulli):
+        self.owner = owner
+
+    def keep(self, sl, delta):
+        mask = self.owner.draw(delta.numel(), delta.device)
+        self.owner.masks.append(mask)
+        return delta * mask
 
 
 class Della(Sparsifier):
