@@ -23,30 +23,47 @@ def magnitude_bits(values: torch.Tensor) -> torch.Tensor:
     return values.abs().reshape(-1).to(torch.float32).view(torch.int32)
 
 
-def _cut(counts: torch.Tensor, k: int) -> tuple[int, int]:
+def cut_histogram(counts: torch.Tensor, k: int) -> tuple[int, int]:
     """The bin holding the k-th largest entry, and how many entries of that bin are needed."""
     above = counts.flip(0).cumsum(0).flip(0)  # above[b] = entries in bins >= b
     b = int((above >= k).nonzero()[-1])
     return b, k - (int(above[b + 1]) if b + 1 < counts.numel() else 0)
 
 
+def thresholds(bits_chunks: Callable[[], Iterable[torch.Tensor]], ks: list[int]) -> list[tuple[int, int]]:
+    """(threshold bits, ties to keep) of the k-th largest entry for each k in (0, numel), from one
+    pass per histogram level shared by every k."""
+    hist = None
+    for bits in bits_chunks():
+        h = torch.bincount(bits >> 16, minlength=HI_BINS)
+        hist = h if hist is None else hist + h
+    cuts = [cut_histogram(hist, k) for k in ks]
+    buckets = sorted({hi for hi, _ in cuts})
+    lo_hists = {hi: torch.zeros(LO_BINS, dtype=torch.int64, device=hist.device) for hi in buckets}
+    for bits in bits_chunks():
+        high = bits >> 16
+        for hi in buckets:
+            lo_hists[hi] += torch.bincount(bits[high == hi] & 0xFFFF, minlength=LO_BINS)
+    out = []
+    for hi, need in cuts:
+        lo, ties = cut_histogram(lo_hists[hi], need)
+        out.append(((hi << 16) | lo, ties))
+    return out
+
+
 class TopK:
     """Keeps exactly the k largest magnitudes of a chunked tensor; `mask` is called in chunk order."""
 
-    def __init__(self, bits_chunks: Callable[[], Iterable[torch.Tensor]], k: int, numel: int):
+    def __init__(self, k: int, numel: int, threshold: tuple[int, int] = (-1, 0)):
         self.k, self.numel = k, numel
-        self.threshold, self.ties = -1, 0
-        if 0 < k < numel:
-            hist = None
-            for bits in bits_chunks():
-                h = torch.bincount(bits >> 16, minlength=HI_BINS)
-                hist = h if hist is None else hist + h
-            hi, need = _cut(hist, k)
-            lo_hist = torch.zeros(LO_BINS, dtype=torch.int64, device=hist.device)
-            for bits in bits_chunks():
-                lo_hist += torch.bincount(bits[(bits >> 16) == hi] & 0xFFFF, minlength=LO_BINS)
-            lo, self.ties = _cut(lo_hist, need)
-            self.threshold = (hi << 16) | lo
+        self.threshold, self.ties = threshold
+
+    @classmethod
+    def select(cls, bits_chunks: Callable[[], Iterable[torch.Tensor]], ks: list[int], numel: int) -> list["TopK"]:
+        """One TopK per k, sharing the histogram passes."""
+        inner = [k for k in ks if 0 < k < numel]
+        found = dict(zip(inner, thresholds(bits_chunks, inner))) if inner else {}
+        return [cls(k, numel, found.get(k, (-1, 0))) for k in ks]
 
     def mask(self, bits: torch.Tensor) -> torch.Tensor:
         """Mask of the next chunk (bits of its magnitudes)."""
@@ -69,4 +86,5 @@ class TopK:
 def top_k_mask(magnitude: torch.Tensor, k: int) -> torch.Tensor:
     """Boolean mask (same shape) of the k largest entries of a tensor; ties by lowest index."""
     bits = magnitude_bits(magnitude)
-    return TopK(lambda: [bits], k, bits.numel()).mask(bits).view(magnitude.shape)
+    [top] = TopK.select(lambda: [bits], [k], bits.numel())
+    return top.mask(bits).view(magnitude.shape)

@@ -37,6 +37,6 @@ def test_streamed_chunks_select_the_same_set_as_the_whole_tensor(seed):
     x = torch.randint(-6, 7, (10_007,)).float() * 0.5  # many ties, spread over chunk boundaries
     k = int(torch.randint(1, 10_000, ()))
     chunks = list(x.split(999))
-    top = TopK(lambda: (magnitude_bits(c) for c in chunks), k, x.numel())
+    [top] = TopK.select(lambda: (magnitude_bits(c) for c in chunks), [k], x.numel())
     streamed = torch.cat([top.mask(magnitude_bits(c)) for c in chunks])
     assert torch.equal(streamed, _reference_topk(x.abs(), k))

@@ -28,8 +28,9 @@ def merge_model_stock(job: TensorJob) -> torch.Tensor:
         return t * torch.stack(xs).mean(0) + (1 - t) * base
     dots = torch.zeros(n, n, dtype=torch.float64)
     for _, xs, base in job.chunks():
-        offsets = torch.stack([x - base for x in xs])
-        dots += (offsets @ offsets.T).double().cpu()
+        offsets = [x.sub_(base) for x in xs]
+        for i, j in itertools.combinations_with_replacement(range(n), 2):
+            dots[i, j] += float(torch.dot(offsets[i], offsets[j]))
     norms = dots.diagonal().sqrt()
     cos = torch.stack([_cos(dots[i, j], norms[i] * norms[j]) for i, j in pairs]).mean()
     t = float(stock_ratio(n, cos))

@@ -15,8 +15,8 @@ from typing import Callable, Iterable
 import torch
 
 from ..errors import RecipeError
+from ..select import HI_BINS, LO_BINS, cut_histogram
 
-HI, LO = 1 << 15, 1 << 16
 
 
 def plan_model_trim(tasks: list, load: Callable[[object], tuple[list[torch.Tensor], torch.Tensor]],
@@ -35,25 +35,25 @@ def plan_model_trim(tasks: list, load: Callable[[object], tuple[list[torch.Tenso
         densities.append(values.pop())
     total = sum(math.prod(t.shape) for t in tasks)
     want = [max(1, int(d * total)) if d < 1 else None for d in densities]
-    hi_counts = [torch.zeros(HI, dtype=torch.int64) for _ in range(n_models)]
+    hi_counts = [torch.zeros(HI_BINS, dtype=torch.int64) for _ in range(n_models)]
     for _, bits in _delta_bits(tasks, load, want):
         for i, b in bits.items():
-            hi_counts[i] += torch.bincount(b >> 16, minlength=HI)
-    hi_cut = {i: _cut(hi_counts[i], want[i]) for i in range(n_models) if want[i] is not None}
-    lo_counts = {i: torch.zeros(LO, dtype=torch.int64) for i in hi_cut}
+            hi_counts[i] += torch.bincount(b >> 16, minlength=HI_BINS)
+    hi_cut = {i: cut_histogram(hi_counts[i], want[i]) for i in range(n_models) if want[i] is not None}
+    lo_counts = {i: torch.zeros(LO_BINS, dtype=torch.int64) for i in hi_cut}
     per_task: list[dict[int, tuple[int, torch.Tensor]]] = []
     for _, bits in _delta_bits(tasks, load, want):
         row = {}
         for i, b in bits.items():
             bucket, _ = hi_cut[i]
             hi = b >> 16
-            lo = torch.bincount(b[hi == bucket] & 0xFFFF, minlength=LO)
+            lo = torch.bincount(b[hi == bucket] & 0xFFFF, minlength=LO_BINS)
             lo_counts[i] += lo
             row[i] = (int((hi > bucket).sum()), lo)
         per_task.append(row)
     extras: dict[str, dict] = {}
     for i, (bucket, k_in) in hi_cut.items():
-        c, ties = _cut(lo_counts[i], k_in)
+        c, ties = cut_histogram(lo_counts[i], k_in)
         for task, row in zip(tasks, per_task):
             above, lo = row[i]
             k = above + int(lo[c + 1:].sum())
@@ -68,11 +68,3 @@ def _delta_bits(tasks, load, want) -> Iterable[tuple[object, dict[int, torch.Ten
         inputs, base = load(task)
         yield task, {i: (x - base).abs().reshape(-1).to(torch.float32).view(torch.int32)
                      for i, x in enumerate(inputs) if want[i] is not None}
-
-
-def _cut(counts: torch.Tensor, k: int) -> tuple[int, int]:
-    """The bucket holding the k-th largest entry, and how many entries of that bucket are needed."""
-    above = counts.flip(0).cumsum(0).flip(0)
-    bucket = int((above >= k).nonzero().max())
-    needed = k - (int(above[bucket + 1]) if bucket + 1 < counts.numel() else 0)
-    return bucket, needed

@@ -46,7 +46,7 @@ class Magnitude(Sparsifier):
 
     def __init__(self, job: TensorJob, i: int, density: float, mode: str, k: int | None = None):
         k = max(1, int(density * job.numel)) if k is None else k
-        self.top = TopK(lambda: (magnitude_bits(d) for _, d in job.delta_chunks(i)), k, job.numel)
+        [self.top] = TopK.select(lambda: (magnitude_bits(d) for _, d in job.delta_chunks(i)), [k], job.numel)
         self._set_scale(job, i, mode, density, copy.deepcopy(self))
 
     def keep(self, sl, delta):
@@ -62,7 +62,7 @@ class Window(Sparsifier):
         keep, top = int(density * n), int(gamma * n)
         top = min(top, n - keep)
         bits = lambda: (magnitude_bits(d) for _, d in job.delta_chunks(i))  # noqa: E731
-        self.upto, self.skip = TopK(bits, top + keep, n), TopK(bits, top, n)
+        self.upto, self.skip = TopK.select(bits, [top + keep, top], n)
         self._set_scale(job, i, mode, density, copy.deepcopy(self))
 
     def keep(self, sl, delta):
