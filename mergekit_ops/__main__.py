@@ -18,12 +18,32 @@ def parse_size(text: str) -> int:
     return int(float(m.group(1)) * SIZE_UNITS[m.group(2).upper()])
 
 
+class ListMethods(argparse.Action):
+    """--list-methods: every method with its base-model contract and parameters, then exit."""
+
+    def __init__(self, option_strings, dest, **kwargs):
+        super().__init__(option_strings, dest, nargs=0, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        from .methods import METHODS
+        from .methods.base import REQUIRED
+
+        def fmt(params):
+            return ", ".join(p.name + ("" if p.default is REQUIRED else f"={p.default}") for p in params) or "-"
+
+        for m in sorted(METHODS.values(), key=lambda m: m.name):
+            print(f"{m.name}: {m.doc}\n    base model: {m.base}; parameters: {fmt(m.params)}; "
+                  f"per model: {fmt(m.model_params)}")
+        parser.exit()
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m mergekit_ops",
         description="Merge safetensors checkpoints as a mergekit YAML recipe describes. "
                     "Multi-document recipes build every named document first; the last (or unnamed) one "
                     "is written to OUT_DIR.")
+    p.add_argument("--list-methods", action=ListMethods, help="list the merge methods and their parameters")
     p.add_argument("recipe", metavar="RECIPE.yml")
     p.add_argument("out_dir", metavar="OUT_DIR")
     p.add_argument("--device", default="cpu", help="where the math runs: cpu (default) or cuda")

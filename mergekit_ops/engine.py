@@ -248,7 +248,7 @@ def merge_task(plan: MergePlan, task: TensorTask, inputs: list[torch.Tensor], ba
         return first
     job = TensorJob(name=task.name, tensors=[x.to(device) for x in inputs],
                     base=base.to(device) if base is not None else None, model_params=task.model_params,
-                    params=task.params, seed=options.seed, layer_t=task.layer_t, extra=extra or {},
+                    params=task.params, seed=options.seed, extra=extra or {},
                     compute_dtype=options.compute_dtype, load_dtype=plan.load_dtype, out_dtype=task.out_dtype)
     out = plan.recipe.method.merge(job).to(dtype=task.out_dtype)
     if not all_finite(out):

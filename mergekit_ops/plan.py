@@ -36,7 +36,6 @@ class TensorTask:
     base: tuple[int, str] | None
     model_params: list[dict[str, Any]] = field(default_factory=list)
     params: dict[str, Any] = field(default_factory=dict)
-    layer_t: float = 0.0
     copy: bool = False  # non-float tensors (buffers): must be equal in every input, copied unchanged
 
 
@@ -194,7 +193,7 @@ class _Planner:
             if problem:
                 raise RecipeError(f"tensor '{out_name}': {problem}", recipe.source, "parameters")
         return TensorTask(out_name, info.shape, out_dtype, [(i, n) for _, i, n in others], base_in,
-                          model_params, params, t)
+                          model_params, params)
 
     def _value(self, p: Param, scopes: list[dict], tensor: str, t: float, model: str | None):
         """The first scope whose value applies to this tensor wins (a filter list may not apply)."""

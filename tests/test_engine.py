@@ -319,3 +319,11 @@ def test_ties_model_scope_keeps_the_global_top_k(tmp_path, family):
     assert bool((delta.abs()[kept] >= threshold).all())
     per_tensor = [int(((out[n] - base[n]) != 0).sum()) for n in names]
     assert len(set(p / base[n].numel() for p, n in zip(per_tensor, names))) > 1  # shares differ per tensor
+
+
+def test_cli_lists_methods_with_their_parameters():
+    run = subprocess.run([sys.executable, "-m", "mergekit_ops", "--list-methods"], cwd=ROOT,
+                         capture_output=True, text=True)
+    assert run.returncode == 0
+    assert "ties: TIES" in run.stdout and "trim_scope=tensor" in run.stdout and "density=1.0" in run.stdout
+    assert run.stdout.count("\n    base model:") == 17

@@ -73,7 +73,6 @@ class TensorJob:
     model_params: list[dict[str, Any]]  # one dict per entry of `tensors`
     params: dict[str, Any]
     seed: int = 0
-    layer_t: float = 0.0
     extra: dict[str, Any] = field(default_factory=dict)  # whole-model statistics (trim_scope: model)
     compute_dtype: torch.dtype = torch.float32
     load_dtype: torch.dtype | None = None  # the recipe's dtype: inputs are rounded to it first
@@ -148,7 +147,6 @@ class Method:
     base: str = "optional"  # "required" | "optional" | "input" (the base is merged like any other model)
     min_models: int = 1  # non-base inputs
     max_models: int | None = None
-    random: bool = False
     doc: str = ""
     check: Callable[[dict[str, Any], list[dict[str, Any]]], str | None] | None = None  # per-tensor values
     # whole-model statistics gathered before merging: (tasks, load, recipe source) -> {tensor: extra}

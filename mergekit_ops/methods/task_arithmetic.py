@@ -83,7 +83,7 @@ def _della(job, i, p, mode):
     return Della(job, i, p["density"], p["epsilon"], mode) if p["density"] < 1 else Sparsifier()
 
 
-def _family(name: str, sparsifier, consensus: bool, normalize: bool, rescale: str, extra=(), random=False,
+def _family(name: str, sparsifier, consensus: bool, normalize: bool, rescale: str, extra=(),
             scoped=False, doc="") -> Method:
     params = COMMON + (Param("normalize", normalize, bool), replace(RESCALE, default=rescale))
     if scoped:
@@ -91,7 +91,7 @@ def _family(name: str, sparsifier, consensus: bool, normalize: bool, rescale: st
     return Method(
         name, lambda job: generalized_merge(job, sparsifier, consensus),
         params=params, model_params=(WEIGHT, DENSITY) + extra,
-        base="required", min_models=1, random=random, doc=doc,
+        base="required", min_models=1, doc=doc,
         check=_check_epsilon if EPSILON in extra else None,
         prepare=plan_model_trim if scoped else None,
     )
@@ -112,15 +112,15 @@ METHODS = [
     _family("task_arithmetic", None, False, False, "none", doc="base + lambda * sum(w_i * (x_i - base))."),
     _family("ties", _magnitude, True, True, "none", scoped=True,
             doc="TIES: trim to the top `density` magnitudes, elect signs, disjoint mean."),
-    _family("dare_linear", _bernoulli, False, False, "l1", random=True,
+    _family("dare_linear", _bernoulli, False, False, "l1",
             doc="DARE: random drop with keep probability `density`, rescale, weighted sum."),
-    _family("dare_ties", _bernoulli, True, False, "l1", random=True, doc="DARE drop + TIES sign election."),
+    _family("dare_ties", _bernoulli, True, False, "l1", doc="DARE drop + TIES sign election."),
     _family("breadcrumbs", _breadcrumbs, False, False, "none", (GAMMA,),
             doc="Model Breadcrumbs: drop the largest `gamma` and smallest entries, keep `density`."),
     _family("breadcrumbs_ties", _breadcrumbs, True, False, "none", (GAMMA,),
             doc="Breadcrumbs + TIES sign election."),
-    _family("della", _della, True, True, "l1", (EPSILON,), random=True,
+    _family("della", _della, True, True, "l1", (EPSILON,),
             doc="DELLA: magnitude-ranked keep probabilities in [density-epsilon, density+epsilon], sign election."),
-    _family("della_linear", _della, False, False, "l1", (EPSILON,), random=True,
+    _family("della_linear", _della, False, False, "l1", (EPSILON,),
             doc="DELLA drop without sign election."),
 ]
