@@ -28,7 +28,7 @@ from .safetensors_io import ShardWriter, plan_shards, read_tensor, tensor_nbytes
 
 @dataclass
 class MergeOptions:
-    """How to run a merge; none of these change the result except `seed`."""
+    """How to run a merge; of these only `seed` and `compute_dtype` change the result."""
 
     device: str = "cpu"
     seed: int = 0
