@@ -35,7 +35,7 @@ REPO = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
 
 import make_checkpoints  # noqa: E402
-from compare import compare_dirs  # noqa: E402
+from compare import compare_dirs, tail  # noqa: E402
 
 DEFAULT_MERGEKIT = "/tmp/mkvenv/bin/mergekit-yaml"
 DEFAULT_METHODS = ["linear", "slerp", "task_arithmetic", "ties", "dare_ties", "breadcrumbs", "model_stock"]
@@ -227,14 +227,6 @@ def startup(cmd: list[str], env: dict, n: int = 3) -> float:
         subprocess.run(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         best = min(best, time.perf_counter() - t0)
     return best
-
-
-def tail(path: str, n: int = 8) -> str:
-    try:
-        with open(path) as f:
-            return "".join(f.readlines()[-n:])
-    except OSError:
-        return ""
 
 
 def gb(x: float | None) -> str:

@@ -92,3 +92,12 @@ def _config(d: str) -> dict:
             return json.load(f)
     except (OSError, ValueError):
         return {}
+
+
+def tail(path: str, n: int = 8) -> str:
+    """The last n lines of a log file ('' if unreadable), for error reports."""
+    try:
+        with open(path) as f:
+            return "".join(f.readlines()[-n:])
+    except OSError:
+        return ""

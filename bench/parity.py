@@ -25,7 +25,7 @@ REPO = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
 
 import make_checkpoints  # noqa: E402
-from compare import compare_dirs  # noqa: E402
+from compare import compare_dirs, tail  # noqa: E402
 
 DEFAULT_MERGEKIT = "/tmp/mkvenv/bin/mergekit-yaml"
 REPORT_TOL = 1e-5
@@ -144,14 +144,6 @@ def run(cmd: list[str], env: dict, log: str) -> tuple[int, float]:
     with open(log, "w") as f:
         rc = subprocess.run(cmd, env=env, stdout=f, stderr=subprocess.STDOUT).returncode
     return rc, time.perf_counter() - t0
-
-
-def tail(path: str, n: int = 6) -> str:
-    try:
-        with open(path) as f:
-            return "".join(f.readlines()[-n:])
-    except OSError:
-        return ""
 
 
 def main(argv: list[str] | None = None) -> int:
