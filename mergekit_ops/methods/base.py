@@ -55,7 +55,7 @@ def in_range(lo: float, hi: float, lo_open: bool = False) -> Callable[[Any], str
     return check
 
 
-CHUNK = 1 << 20  # elements per streamed chunk: fits in cache; fixed, so random draws never depend on it
+CHUNK = 1 << 20  # elements per streamed chunk: fits in cache. A constant: random draws are made per chunk
 
 
 @dataclass
