@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from .errors import CheckpointError
-from .safetensors_io import TensorInfo, read_header, read_tensor
+from .safetensors_io import TensorInfo, read_header
 
 PICKLE_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.pt", "model.ckpt")
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
@@ -102,10 +102,9 @@ class Checkpoint:
         }
         return cls(ref, path, infos, config, pickle_state=state)
 
-    def read(self, name: str) -> torch.Tensor:
-        if self.pickle_state is not None:
-            return self.pickle_state[name].clone()
-        return read_tensor(self.tensors[name])
+    def read_pickled(self, name: str) -> torch.Tensor:
+        """A private copy of a tensor of an opted-in pickle checkpoint."""
+        return self.pickle_state[name].clone()
 
 
 def _safetensors_files(path: Path, ref: str) -> list[Path]:

@@ -107,7 +107,8 @@ def execute(plan: MergePlan, out_dir: Path, options: MergeOptions) -> Path:
             reader = _Reader(plan.checkpoints)
             try:
                 extras = plan.recipe.method.prepare(
-                    plan.tasks, lambda task: _to_compute(plan, options, device, *reader.load(task)), plan.recipe.source)
+                    plan.tasks, lambda task: _job(plan, task, *reader.load(task), device, options).full(),
+                    plan.recipe.source)
             finally:
                 reader.close()
         _run(plan, writer, device, options, extras)
@@ -148,7 +149,7 @@ class _Reader:
     def read(self, idx: int, name: str) -> torch.Tensor:
         ckpt = self.checkpoints[idx]
         if ckpt.pickle_state is not None:
-            return ckpt.read(name)
+            return ckpt.read_pickled(name)
         info = ckpt.tensors[name]
         fd = self.fds.get(info.path)
         if fd is None:
@@ -224,16 +225,12 @@ def _run(plan: MergePlan, writer: ShardWriter, device: torch.device, options: Me
         reader.close()
 
 
-def _to_compute(plan: MergePlan, options: MergeOptions, device: torch.device, inputs: list[torch.Tensor],
-                base: torch.Tensor | None) -> tuple[list[torch.Tensor], torch.Tensor | None]:
-    """Inputs on the device, rounded to the recipe's dtype, then in the compute dtype."""
-    def convert(x: torch.Tensor) -> torch.Tensor:
-        x = x.to(device)
-        if plan.load_dtype is not None:
-            x = x.to(plan.load_dtype)
-        return x.to(options.compute_dtype)
-
-    return [convert(x) for x in inputs], convert(base) if base is not None else None
+def _job(plan: MergePlan, task: TensorTask, inputs: list[torch.Tensor], base: torch.Tensor | None,
+         device: torch.device, options: MergeOptions, extra: dict | None = None) -> TensorJob:
+    return TensorJob(name=task.name, tensors=[x.to(device) for x in inputs],
+                     base=base.to(device) if base is not None else None, model_params=task.model_params,
+                     params=task.params, seed=options.seed, extra=extra or {}, compute_dtype=options.compute_dtype,
+                     load_dtype=plan.load_dtype, out_dtype=task.out_dtype)
 
 
 def merge_task(plan: MergePlan, task: TensorTask, inputs: list[torch.Tensor], base: torch.Tensor | None,
@@ -246,11 +243,7 @@ def merge_task(plan: MergePlan, task: TensorTask, inputs: list[torch.Tensor], ba
                 raise MergeError(f"tensor '{task.name}' is not floating point and differs between "
                                  f"'{plan.checkpoints[task.inputs[0][0]].ref}' and '{plan.checkpoints[idx].ref}'")
         return first
-    job = TensorJob(name=task.name, tensors=[x.to(device) for x in inputs],
-                    base=base.to(device) if base is not None else None, model_params=task.model_params,
-                    params=task.params, seed=options.seed, extra=extra or {},
-                    compute_dtype=options.compute_dtype, load_dtype=plan.load_dtype, out_dtype=task.out_dtype)
-    out = plan.recipe.method.merge(job).to(dtype=task.out_dtype)
+    out = plan.recipe.method.merge(_job(plan, task, inputs, base, device, options, extra)).to(dtype=task.out_dtype)
     if not all_finite(out):
         raise MergeError(f"tensor '{task.name}': the merge produced NaN or Inf "
                          f"(method {plan.recipe.method.name}, parameters {task.params}, per model {task.model_params})")

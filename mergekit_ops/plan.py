@@ -139,9 +139,12 @@ class _Planner:
             base = sl.base_model or self.recipe.base_model
             ref_source = self._slice_reference(sl)
             ref = self.ckpts[self.index[ref_source.model]]
+            by_layer: dict[int, list[str]] = {}
+            for n in sorted(ref.tensors, key=natural_key):
+                by_layer.setdefault(layer_index(n), []).append(n)
             start, end = ref_source.layer_range
             for k in range(end - start):
-                names = sorted((n for n in ref.tensors if layer_index(n) == start + k), key=natural_key)
+                names = by_layer.get(start + k)
                 if not names:
                     raise CheckpointError(f"model '{ref.ref}' has no layer {start + k} "
                                           f"(slice layer_range {list(ref_source.layer_range)})")
@@ -150,15 +153,15 @@ class _Planner:
                     inputs = [(s, with_layer(name, s.layer_range[0] + k)) for s in sl.sources]
                     layered.append(self._task(with_layer(name, out_layer + k), inputs, base, sl.parameters, t))
             out_layer += end - start
-        edges = []
-        for which, sl in ((0, slices[0]), (2, slices[-1])):
-            ref = self.ckpts[self.index[self._slice_reference(sl).model]]
-            for name in sorted((n for n in ref.tensors if section(n) == which), key=natural_key):
-                edges.append(self._task(name, [(Source(s.model, s.parameters), name) for s in sl.sources],
-                                        sl.base_model or self.recipe.base_model, sl.parameters, 0.0))
-        pre = [t for t in edges if section(t.name) == 0]
-        post = [t for t in edges if section(t.name) == 2]
+        pre, post = (self._edge_tasks(slices[0], 0), self._edge_tasks(slices[-1], 2))
         return pre + layered + post, out_layer
+
+    def _edge_tasks(self, sl, which: int) -> list[TensorTask]:
+        """Tensors before (0) or after (2) the layer stack, merged from one slice's sources at t = 0."""
+        ref = self.ckpts[self.index[self._slice_reference(sl).model]]
+        return [self._task(name, [(s, name) for s in sl.sources], sl.base_model or self.recipe.base_model,
+                           sl.parameters, 0.0)
+                for name in sorted((n for n in ref.tensors if section(n) == which), key=natural_key)]
 
     def _slice_reference(self, sl) -> Source:
         base = sl.base_model or self.recipe.base_model

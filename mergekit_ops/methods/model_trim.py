@@ -15,7 +15,7 @@ from typing import Callable, Iterable
 import torch
 
 from ..errors import RecipeError
-from ..select import HI_BINS, LO_BINS, cut_histogram
+from ..select import HI_BINS, LO_BINS, cut_histogram, magnitude_bits
 
 
 
@@ -66,5 +66,4 @@ def plan_model_trim(tasks: list, load: Callable[[object], tuple[list[torch.Tenso
 def _delta_bits(tasks, load, want) -> Iterable[tuple[object, dict[int, torch.Tensor]]]:
     for task in tasks:
         inputs, base = load(task)
-        yield task, {i: (x - base).abs().reshape(-1).to(torch.float32).view(torch.int32)
-                     for i, x in enumerate(inputs) if want[i] is not None}
+        yield task, {i: magnitude_bits(x - base) for i, x in enumerate(inputs) if want[i] is not None}

@@ -115,8 +115,7 @@ class Della(Sparsifier):
     survivor by its own keep probability, as the DELLA paper does; 'l1' is mergekit's."""
 
     def __init__(self, job: TensorJob, i: int, density: float, epsilon: float, mode: str):
-        xs, base = job.full()
-        delta = xs[i] - base
+        delta = job.convert(job.tensors[i]) - job.convert(job.base)
         lanes = delta.reshape(1, -1) if delta.dim() < 2 else delta.movedim(1, -1)
         n = lanes.shape[-1]
         order = lanes.abs().argsort(dim=-1, stable=True)
