@@ -24,6 +24,7 @@ from .methods.base import TensorJob
 from .plan import MergePlan, TensorTask, build_plan
 from .recipe import Recipe, load_recipes
 from .safetensors_io import ShardWriter, plan_shards, read_tensor, tensor_nbytes
+from .vocab import align
 
 
 @dataclass
@@ -227,10 +228,23 @@ def _run(plan: MergePlan, writer: ShardWriter, device: torch.device, options: Me
 
 def _job(plan: MergePlan, task: TensorTask, inputs: list[torch.Tensor], base: torch.Tensor | None,
          device: torch.device, options: MergeOptions, extra: dict | None = None) -> TensorJob:
-    return TensorJob(name=task.name, tensors=[x.to(device) for x in inputs],
-                     base=base.to(device) if base is not None else None, model_params=task.model_params,
+    inputs = [x.to(device) for x in inputs]
+    base = base.to(device) if base is not None else None
+    if task.vocab:
+        inputs, base = _align_vocab(plan, task, inputs, base)
+    return TensorJob(name=task.name, tensors=inputs, base=base, model_params=task.model_params,
                      params=task.params, seed=options.seed, extra=extra or {}, compute_dtype=options.compute_dtype,
                      load_dtype=plan.load_dtype, out_dtype=task.out_dtype)
+
+
+def _align_vocab(plan: MergePlan, task: TensorTask, inputs: list[torch.Tensor],
+                 base: torch.Tensor | None) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+    """Put every input's token rows in the output vocabulary's order (vocab.py)."""
+    refs = [i for i, _ in task.inputs] + ([task.base[0]] if task.base else [])
+    base_pos = refs.index(task.base_model) if task.base_model in refs else None
+    aligned = align(inputs + ([base] if base is not None else []), [plan.vocab.perms[i] for i in refs],
+                    base_pos, plan.vocab.rows)
+    return (aligned[:-1], aligned[-1]) if base is not None else (aligned, None)
 
 
 def merge_task(plan: MergePlan, task: TensorTask, inputs: list[torch.Tensor], base: torch.Tensor | None,

@@ -29,19 +29,39 @@ def write_side_files(plan: MergePlan, out: Path, copy_tokenizer: bool = True) ->
     for name in TOKENIZER_FILES:
         if (donor / name).is_file():
             shutil.copyfile(donor / name, out / name)
+    if plan.vocab is not None and plan.vocab.tokenizer is not None:
+        _write_merged_tokenizer(plan, out)
     if plan.recipe.chat_template:
         _set_chat_template(plan, out)
 
 
 def _tokenizer_donor(plan: MergePlan) -> Path:
     source = plan.recipe.tokenizer_source
-    if source in (None, "base"):
+    if source in (None, "base", "union"):
         return plan.checkpoints[plan.reference].path
     ref = source.removeprefix("model:")
     for ckpt in plan.checkpoints:
         if ckpt.ref == ref:
             return ckpt.path
     raise RecipeError(f"'{ref}' is not one of the recipe's models", plan.recipe.source, "tokenizer_source")
+
+
+def _write_merged_tokenizer(plan: MergePlan, out: Path) -> None:
+    """A union (or stripped) vocabulary: the new tokenizer.json, and its added tokens in
+    tokenizer_config.json's `added_tokens_decoder`, which transformers also reads."""
+    vocab = plan.vocab
+    (out / "tokenizer.json").write_text(json.dumps(vocab.tokenizer, indent=2, ensure_ascii=False) + "\n",
+                                        encoding="utf-8")
+    path = out / "tokenizer_config.json"
+    if not path.is_file():
+        return
+    config = json.loads(path.read_text(encoding="utf-8"))
+    decoder = {k: v for k, v in (config.get("added_tokens_decoder") or {}).items() if int(k) < vocab.tokens}
+    decoder.update({str(t["id"]): {k: v for k, v in t.items() if k != "id"} for t in vocab.added})
+    config.pop("added_tokens_decoder", None)
+    if decoder:
+        config["added_tokens_decoder"] = decoder
+    path.write_text(json.dumps(config, indent=2, sort_keys=True, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
 def _set_chat_template(plan: MergePlan, out: Path) -> None:

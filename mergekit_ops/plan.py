@@ -17,6 +17,7 @@ from .errors import CheckpointError, RecipeError
 from .methods.base import REQUIRED, Param
 from .params import resolve
 from .recipe import Recipe, Source
+from .vocab import Tokenizer, VocabPlan, is_vocab_tensor, plan_vocab
 
 LAYER_RE = re.compile(r"(?:^|\.)(?:layers|h|blocks|layer)\.(\d+)\.")
 LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer", "num_layers")
@@ -37,6 +38,8 @@ class TensorTask:
     model_params: list[dict[str, Any]] = field(default_factory=list)
     params: dict[str, Any] = field(default_factory=dict)
     copy: bool = False  # non-float tensors (buffers): must be equal in every input, copied unchanged
+    vocab: bool = False  # rows are tokens: inputs are aligned to the output vocabulary before the merge
+    base_model: int | None = None  # checkpoint index of the base model (its rows win in vocabulary gaps)
 
 
 @dataclass
@@ -49,6 +52,7 @@ class MergePlan:
     tasks: list[TensorTask]
     num_layers: int | None  # set for slice merges: the output's layer count
     load_dtype: torch.dtype | None  # recipe `dtype`: inputs are rounded to it before the math
+    vocab: VocabPlan | None = None  # set with a tokenizer source: the output vocabulary
 
 
 def layer_index(name: str) -> int | None:
@@ -88,13 +92,31 @@ def build_plan(recipe: Recipe, checkpoints: dict[str, Checkpoint], allow_crimes:
     index = {r: i for i, r in enumerate(refs)}
     reference = index[recipe.base_model] if recipe.base_model else index[recipe.groups()[0][1][0].model]
     _check_compatible(recipe, ckpts, reference, allow_crimes)
-    planner = _Planner(recipe, ckpts, index)
+    if recipe.tokenizer_source:
+        vocab = _plan_vocab(recipe, ckpts, reference, index)
+    else:
+        vocab = None
+        _check_same_token_ids(ckpts, reference)
+    planner = _Planner(recipe, ckpts, index, vocab)
     if recipe.models:
         tasks, num_layers = planner.whole_model(reference), None
     else:
         tasks, num_layers = planner.sliced()
     load = TORCH_DTYPES[recipe.dtype] if recipe.dtype else None
-    return MergePlan(recipe, ckpts, reference, tasks, num_layers, load)
+    return MergePlan(recipe, ckpts, reference, tasks, num_layers, load, vocab)
+
+
+def _plan_vocab(recipe: Recipe, ckpts: list[Checkpoint], reference: int, index: dict[str, int]) -> VocabPlan:
+    source = recipe.tokenizer_source
+    out_index = reference if source in ("base", "union") else index[source.removeprefix("model:")]
+    limits = []
+    for c in ckpts:
+        rows = c.config.get("vocab_size")
+        if not isinstance(rows, int):
+            rows = next((t.shape[0] for n, t in c.tensors.items() if is_vocab_tensor(n)), 0)
+        limits.append(rows)
+    tokenizers = [Tokenizer.read(c.path, c.ref) for c in ckpts]
+    return plan_vocab(source, tokenizers, limits, out_index, recipe.pad_to_multiple_of, [c.ref for c in ckpts])
 
 
 def _check_compatible(recipe: Recipe, ckpts: list[Checkpoint], reference: int, allow_crimes: bool) -> None:
@@ -106,15 +128,38 @@ def _check_compatible(recipe: Recipe, ckpts: list[Checkpoint], reference: int, a
                 f"architecture mismatch: '{ref.ref}' is {ref_arch} but '{c.ref}' is {arch} "
                 "(allow_crimes / --allow-crimes merges them anyway)")
         vocab, ref_vocab = c.config.get("vocab_size"), ref.config.get("vocab_size")
-        if vocab and ref_vocab and vocab != ref_vocab:
+        if vocab and ref_vocab and vocab != ref_vocab and not recipe.tokenizer_source:
             raise CheckpointError(
                 f"vocabulary size mismatch: '{ref.ref}' has {ref_vocab} tokens, '{c.ref}' has {vocab}; "
-                "aligning embeddings across tokenizers is not supported yet, merge models that share a vocabulary")
+                "set tokenizer_source (base, union or one of the models) to align their embeddings")
+
+
+def _check_same_token_ids(ckpts: list[Checkpoint], reference: int) -> None:
+    """Without a tokenizer source, rows are merged by index: an id that is one token in one model and
+    another token in the next would mix unrelated rows. An id only one model uses (a token added in
+    padding rows) is fine."""
+    ref_file = ckpts[reference].path / "tokenizer.json"
+    if not ref_file.is_file():
+        return
+    ref_bytes, ref_tokens = ref_file.read_bytes(), None
+    for c in ckpts:
+        file = c.path / "tokenizer.json"
+        if not file.is_file() or file.read_bytes() == ref_bytes:
+            continue
+        if ref_tokens is None:
+            ref_tokens = {i: t for t, i in Tokenizer.read(ckpts[reference].path, ckpts[reference].ref).ids.items()}
+        tokens = {i: t for t, i in Tokenizer.read(c.path, c.ref).ids.items()}
+        clash = next((i for i in sorted(tokens) if i in ref_tokens and tokens[i] != ref_tokens[i]), None)
+        if clash is not None:
+            raise CheckpointError(
+                f"tokenizers differ: id {clash} is token {ref_tokens[clash]!r} in '{ckpts[reference].ref}' but "
+                f"{tokens[clash]!r} in '{c.ref}'; set tokenizer_source (base, union or one of the models) to "
+                "align their embeddings")
 
 
 class _Planner:
-    def __init__(self, recipe: Recipe, ckpts: list[Checkpoint], index: dict[str, int]):
-        self.recipe, self.ckpts, self.index = recipe, ckpts, index
+    def __init__(self, recipe: Recipe, ckpts: list[Checkpoint], index: dict[str, int], vocab: VocabPlan | None):
+        self.recipe, self.ckpts, self.index, self.vocab = recipe, ckpts, index, vocab
         self.method = recipe.method
 
     def whole_model(self, reference: int) -> list[TensorTask]:
@@ -176,10 +221,12 @@ class _Planner:
         base_in = next(((i, n) for s, i, n in named if s.model == base), None) if split_base else None
         ref_idx, ref_name = base_in or others[0][1:]
         info = self.ckpts[ref_idx].tensors[ref_name]
+        vocab = self.vocab is not None and is_vocab_tensor(out_name)
         for _, i, n in named:
-            self._check_same(info, ref_idx, i, n)
+            self._check_same(info, ref_idx, i, n, vocab)
         if not info.dtype.is_floating_point:
             return TensorTask(out_name, info.shape, info.dtype, [(i, n) for _, i, n in named], None, copy=True)
+        shape = (self.vocab.rows, *info.shape[1:]) if vocab else info.shape
         out_dtype_name = recipe.out_dtype or recipe.dtype
         if out_dtype_name:
             out_dtype = TORCH_DTYPES[out_dtype_name]
@@ -195,8 +242,8 @@ class _Planner:
             problem = method.check(params, model_params)
             if problem:
                 raise RecipeError(f"tensor '{out_name}': {problem}", recipe.source, "parameters")
-        return TensorTask(out_name, info.shape, out_dtype, [(i, n) for _, i, n in others], base_in,
-                          model_params, params)
+        return TensorTask(out_name, shape, out_dtype, [(i, n) for _, i, n in others], base_in,
+                          model_params, params, vocab=vocab, base_model=self.index[base] if base else None)
 
     def _value(self, p: Param, scopes: list[dict], tensor: str, t: float, model: str | None):
         """The first scope whose value applies to this tensor wins (a filter list may not apply)."""
@@ -222,9 +269,10 @@ class _Planner:
                 return tied
         raise CheckpointError(f"model '{ckpt.ref}' has no tensor '{name}' ({ckpt.path})")
 
-    def _check_same(self, ref_info, ref_idx: int, idx: int, name: str) -> None:
+    def _check_same(self, ref_info, ref_idx: int, idx: int, name: str, vocab: bool) -> None:
+        """Same shape; vocabulary tensors may differ in rows (aligned later), not in the other dims."""
         info = self.ckpts[idx].tensors[name]
-        if info.shape != ref_info.shape:
+        if (info.shape[1:] if vocab else info.shape) != (ref_info.shape[1:] if vocab else ref_info.shape):
             raise CheckpointError(
                 f"tensor '{name}': shape {list(info.shape)} in model '{self.ckpts[idx].ref}' but "
                 f"{list(ref_info.shape)} in model '{self.ckpts[ref_idx].ref}'")
@@ -240,6 +288,8 @@ def output_config(plan: MergePlan) -> dict:
         if isinstance(config.get("layer_types"), list):
             config["layer_types"] = [t for sl in plan.recipe.slices
                                      for t in config["layer_types"][slice(*sl.sources[0].layer_range)]]
+    if plan.vocab is not None:
+        config["vocab_size"] = plan.vocab.rows
     dtype = plan.recipe.out_dtype or plan.recipe.dtype
     if dtype:
         config["dtype" if "dtype" in config else "torch_dtype"] = dtype

@@ -54,7 +54,8 @@ class Recipe:
     parameters: dict[str, Any] = field(default_factory=dict)
     dtype: str | None = None
     out_dtype: str | None = None
-    tokenizer_source: str | None = None
+    tokenizer_source: str | None = None  # 'base', 'union' or a model: align vocabularies (vocab.py)
+    pad_to_multiple_of: int | None = None  # with a tokenizer source: round the vocabulary rows up
     chat_template: str | None = None
     name: str | None = None
 
@@ -145,9 +146,8 @@ def parse_recipe(doc: Any, source: str) -> Recipe:
         raise RecipeError(f"unknown merge method '{method_name}'{_suggest(method_name, METHODS)}; "
                           f"known: {', '.join(sorted(METHODS))}", source, "merge_method")
     method = METHODS[method_name]
-    for key in ("modules", "tokenizer"):
-        if doc.get(key) is not None:
-            raise RecipeError("not supported by mergekit_ops yet", source, key)
+    if doc.get("modules") is not None:
+        raise RecipeError("not supported by mergekit_ops yet", source, "modules")
     has_models, has_slices = doc.get("models") is not None, doc.get("slices") is not None
     if has_models == has_slices:
         raise RecipeError("give exactly one of 'models' or 'slices'", source, "models")
@@ -157,7 +157,6 @@ def parse_recipe(doc: Any, source: str) -> Recipe:
         parameters=_params(doc.get("parameters"), source, "parameters"),
         dtype=_dtype(doc.get("dtype"), source, "dtype"),
         out_dtype=_dtype(doc.get("out_dtype"), source, "out_dtype"),
-        tokenizer_source=_str(doc.get("tokenizer_source"), source, "tokenizer_source"),
         chat_template=_str(doc.get("chat_template"), source, "chat_template"),
         name=_str(doc.get("name"), source, "name"),
     )
@@ -165,13 +164,7 @@ def parse_recipe(doc: Any, source: str) -> Recipe:
         recipe.models = _models(doc["models"], source)
     else:
         recipe.slices = _slices(doc["slices"], source)
-    if recipe.tokenizer_source == "union":
-        raise RecipeError("'union' (a merged vocabulary) is not supported yet; use 'base' or one of the models",
-                          source, "tokenizer_source")
-    if recipe.tokenizer_source not in (None, "base") and (
-            recipe.tokenizer_source.removeprefix("model:") not in recipe.model_refs()):
-        raise RecipeError(f"'{recipe.tokenizer_source}' is neither 'base' nor one of the recipe's models",
-                          source, "tokenizer_source")
+    _tokenizer(recipe, doc)
     _check_contract(recipe)
     return recipe
 
@@ -233,6 +226,34 @@ def _check_contract(recipe: Recipe) -> None:
             if p.name not in s.parameters and not any(p.name in sl.parameters for sl in recipe.slices or []):
                 raise RecipeError(f"{method.name} needs parameter '{p.name}' for model '{s.model}'",
                                   source, f"{s.model}.parameters.{p.name}")
+
+
+def _tokenizer(recipe: Recipe, doc: dict) -> None:
+    """`tokenizer_source: X` or mergekit's long form `tokenizer: {source: X, pad_to_multiple_of: N}`."""
+    source, key = recipe.source, "tokenizer_source"
+    value = _str(doc.get("tokenizer_source"), source, key)
+    block = doc.get("tokenizer")
+    if block is not None:
+        if value is not None:
+            raise RecipeError("give 'tokenizer_source' or 'tokenizer', not both", source, "tokenizer")
+        if not isinstance(block, dict):
+            raise RecipeError("a mapping with 'source' (and optionally 'pad_to_multiple_of')", source, "tokenizer")
+        if block.get("tokens") is not None:
+            raise RecipeError("per-token embedding sources are not supported by mergekit_ops yet",
+                              source, "tokenizer.tokens")
+        extra = set(block) - {"source", "pad_to_multiple_of", "tokens"}
+        if extra:
+            bad = sorted(extra)[0]
+            raise RecipeError(f"unknown key{_suggest(bad, ['source', 'pad_to_multiple_of'])}", source, f"tokenizer.{bad}")
+        key = "tokenizer.source"
+        value = _str(block.get("source", "union"), source, key)  # mergekit's default source is union
+        pad = block.get("pad_to_multiple_of")
+        if pad is not None and (not isinstance(pad, int) or isinstance(pad, bool) or pad < 1):
+            raise RecipeError(f"expected a positive integer, got {pad!r}", source, "tokenizer.pad_to_multiple_of")
+        recipe.pad_to_multiple_of = pad
+    if value not in (None, "base", "union") and value.removeprefix("model:") not in recipe.model_refs():
+        raise RecipeError(f"'{value}' is neither 'base', 'union' nor one of the recipe's models", source, key)
+    recipe.tokenizer_source = value
 
 
 def _models(value: Any, source: str) -> list[Source]:

@@ -37,7 +37,8 @@ def finetune(state: dict[str, torch.Tensor], seed: int, scale: float = 0.05) -> 
 
 
 def write_model(path: Path, state: dict[str, torch.Tensor], shards: int = 1, tied: bool = False,
-                vocab: int | None = None, arch: str = "LlamaForCausalLM", extra_config: dict | None = None) -> Path:
+                vocab: int | None = None, arch: str = "LlamaForCausalLM", extra_config: dict | None = None,
+                tokens: list[str] | None = None, added_tokens: list[str] = ()) -> Path:
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     layers = len({k.split(".")[2] for k in state if k.startswith("model.layers.")})
@@ -46,8 +47,7 @@ def write_model(path: Path, state: dict[str, torch.Tensor], shards: int = 1, tie
               "hidden_size": emb.shape[1], "vocab_size": vocab or emb.shape[0], "tie_word_embeddings": tied,
               **(extra_config or {})}
     (path / "config.json").write_text(json.dumps(config))
-    (path / "tokenizer_config.json").write_text(json.dumps({"model_max_length": 64}))
-    (path / "tokenizer.json").write_text(json.dumps({"model": {"type": "WordLevel", "vocab": {"a": 0}}}))
+    write_tokenizer(path, tokens or [f"t{i}" for i in range(emb.shape[0])], added_tokens)
     names = sorted(state)
     if shards == 1:
         save_file(state, str(path / "model.safetensors"), metadata={"format": "pt"})
@@ -61,6 +61,20 @@ def write_model(path: Path, state: dict[str, torch.Tensor], shards: int = 1, tie
         weight_map.update({k: fname for k in part})
     (path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
     return path
+
+
+def write_tokenizer(path: Path, tokens: list[str], added: list[str] = ()) -> None:
+    """A whitespace-split WordLevel fast tokenizer: `tokens` get ids 0.., then `added` as special tokens."""
+    vocab = {t: i for i, t in enumerate(tokens)}
+    added_tokens = [{"id": len(tokens) + i, "content": t, "single_word": False, "lstrip": False, "rstrip": False,
+                     "normalized": False, "special": True} for i, t in enumerate(added)]
+    data = {"version": "1.0", "truncation": None, "padding": None, "added_tokens": added_tokens,
+            "normalizer": None, "pre_tokenizer": {"type": "WhitespaceSplit"}, "post_processor": None,
+            "decoder": None, "model": {"type": "WordLevel", "vocab": vocab, "unk_token": tokens[0]}}
+    (path / "tokenizer.json").write_text(json.dumps(data))
+    (path / "tokenizer_config.json").write_text(json.dumps(
+        {"model_max_length": 64, "tokenizer_class": "PreTrainedTokenizerFast", "unk_token": tokens[0],
+         "added_tokens_decoder": {str(t["id"]): {k: v for k, v in t.items() if k != "id"} for t in added_tokens}}))
 
 
 def write_recipe(path: Path, recipe: dict | str) -> Path:

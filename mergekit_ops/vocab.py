@@ -1,0 +1,147 @@
+"""Vocabulary alignment: merge models whose tokenizers differ (mergekit's `tokenizer_source`).
+
+With a tokenizer source (`base`, `union` or one model), the output vocabulary is that tokenizer's
+(for `union`: the base's, then every token the other models add, appended in model order, then
+token id order). Each model's embedding-like tensors (embeddings, lm_head) are permuted into the
+output order before the merge method sees them. A token a model lacks gets, in mergekit's order of
+rules: the row of the only model that has it; zero if none has it; the base model's row if the base
+has it; else the mean of the rows of the models that have it. Rows past the vocabulary (from
+`pad_to_multiple_of`) get the mean of the token rows. Only `tokenizer.json` (fast tokenizers) is
+read, as plain JSON: no tokenizer library is needed.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .errors import CheckpointError
+
+VOCAB_TENSORS = ("embed_tokens.weight", "wte.weight", "word_embeddings.weight", "embed_in.weight",
+                 "embed_out.weight", "lm_head.weight")
+ADDED_DEFAULTS = {"single_word": False, "lstrip": False, "rstrip": False, "normalized": True, "special": False}
+
+
+def is_vocab_tensor(name: str) -> bool:
+    return name.endswith(VOCAB_TENSORS)
+
+
+@dataclass
+class Tokenizer:
+    """A model's tokenizer.json, as JSON, and the id of every token it can produce."""
+
+    path: Path
+    data: dict
+    ids: dict[str, int]
+
+    @classmethod
+    def read(cls, model_dir: Path, ref: str) -> "Tokenizer":
+        path = model_dir / "tokenizer.json"
+        if not path.is_file():
+            raise CheckpointError(f"model '{ref}': no tokenizer.json in {model_dir}; aligning vocabularies "
+                                  "(tokenizer_source) needs every model's fast tokenizer")
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+            vocab = data["model"]["vocab"]
+            ids = dict(vocab) if isinstance(vocab, dict) else {piece[0]: i for i, piece in enumerate(vocab)}
+            ids.update({t["content"]: t["id"] for t in data.get("added_tokens") or []})
+        except (ValueError, KeyError, TypeError, IndexError) as exc:
+            raise CheckpointError(f"model '{ref}': {path} is not a tokenizer.json with a model vocabulary "
+                                  f"({type(exc).__name__}: {exc})") from exc
+        return cls(path, data, ids)
+
+
+@dataclass
+class VocabPlan:
+    """The output vocabulary and, per model, where each output row comes from (-1: missing)."""
+
+    rows: int  # output rows of every vocabulary tensor (tokens, padded)
+    tokens: int  # rows that belong to a token; rows past it are padding
+    perms: dict[int, torch.Tensor]  # checkpoint index -> int64 (tokens,) source row or -1
+    tokenizer: dict | None  # a tokenizer.json to write (union, or a stripped base), else None: copy the donor's
+    added: list[dict]  # tokens appended to the donor's tokenizer (written to tokenizer_config.json too)
+
+
+def plan_vocab(source: str, tokenizers: list[Tokenizer], limits: list[int], out_index: int,
+               pad_to_multiple_of: int | None, refs: list[str]) -> VocabPlan:
+    """Build the output vocabulary from model `out_index`'s tokenizer (the base for `base` and
+    `union`). `limits[i]` is model i's embedding rows: ids past it are unused tokens, missing from
+    that model (and stripped from a `base`/`union` output tokenizer, as mergekit does)."""
+    usable = [{t: i for t, i in tok.ids.items() if i < limit} for tok, limit in zip(tokenizers, limits)]
+    strip = source != "model"
+    out = dict(usable[out_index] if strip else tokenizers[out_index].ids)
+    stripped = strip and len(out) != len(tokenizers[out_index].ids)
+    added: list[dict] = []
+    if source == "union":
+        specs = {t["content"]: t for tok in tokenizers for t in tok.data.get("added_tokens") or []}
+        new = [t for ids in usable for t, _ in sorted(ids.items(), key=lambda kv: kv[1]) if t not in out]
+        new = list(dict.fromkeys(new))
+        for token in [t for t in new if t not in specs] + [t for t in new if t in specs]:
+            added.append({"id": len(out), "content": token,
+                          **{k: specs.get(token, {}).get(k, v) for k, v in ADDED_DEFAULTS.items()}})
+            out[token] = len(out)
+    if sorted(out.values()) != list(range(len(out))):
+        raise CheckpointError(f"model '{refs[out_index]}': the tokenizer's token ids are not 0..{len(out) - 1} "
+                              "without gaps; cannot lay out the merged vocabulary")
+    rows = len(out)
+    if pad_to_multiple_of:
+        rows = -(-rows // pad_to_multiple_of) * pad_to_multiple_of
+    order = sorted(out, key=out.get)
+    perms = {i: torch.tensor([ids.get(t, -1) for t in order], dtype=torch.int64) for i, ids in enumerate(usable)}
+    tokenizer = None
+    if added or stripped:
+        tokenizer = _stripped(tokenizers[out_index].data, limits[out_index])
+        tokenizer["added_tokens"] = (tokenizer.get("added_tokens") or []) + added
+    return VocabPlan(rows, len(out), perms, tokenizer, added)
+
+
+def _stripped(data: dict, limit: int) -> dict:
+    """A copy of a tokenizer.json without the tokens whose id is past the model's embedding rows."""
+    data = json.loads(json.dumps(data))
+    model = data["model"]
+    if isinstance(model["vocab"], dict):
+        dropped = {t for t, i in model["vocab"].items() if i >= limit}
+        model["vocab"] = {t: i for t, i in model["vocab"].items() if i < limit}
+        if "merges" in model:
+            model["merges"] = [m for m in model["merges"]
+                               if not set(m.split(" ") if isinstance(m, str) else m) & dropped]
+    else:
+        model["vocab"] = model["vocab"][:limit]
+    data["added_tokens"] = [t for t in data.get("added_tokens") or [] if t["id"] < limit]
+    return data
+
+
+def align(tensors: list[torch.Tensor], perms: list[torch.Tensor], base: int | None, rows: int) -> list[torch.Tensor]:
+    """Permute each model's vocabulary rows into the output order, filling the rows a model lacks.
+
+    `tensors[i]` is read with `perms[i]`; `base` is the position of the base model among them (its
+    rows win for tokens some models lack). Filled rows are computed in float32.
+    """
+    device = tensors[0].device
+    perms = [p.to(device) for p in perms]
+    tokens = perms[0].numel()
+    present = torch.stack([p >= 0 for p in perms])  # (models, tokens)
+    gathered = [x.index_select(0, p.clamp(min=0)) for x, p in zip(tensors, perms)]
+    gaps = (~present.all(0)).nonzero().flatten()
+    if gaps.numel():
+        have = present[:, gaps]
+        at_gaps = [g[gaps].float() for g in gathered]
+        count = have.sum(0)
+        shape = (-1,) + (1,) * (tensors[0].dim() - 1)
+        fill = sum(r * h.view(shape) for r, h in zip(at_gaps, have)) / count.clamp(min=1).view(shape)
+        if base is not None:
+            use_base = have[base] & (count > 1)
+            fill[use_base] = at_gaps[base][use_base]
+    out = []
+    for i, (x, g) in enumerate(zip(tensors, gathered)):
+        full = g.new_empty((rows, *x.shape[1:]))
+        full[:tokens] = g
+        if gaps.numel():
+            missing = ~present[i, gaps]
+            full[gaps[missing]] = fill[missing].to(x.dtype)
+        if rows > tokens:
+            full[tokens:] = full[:tokens].float().mean(0).to(x.dtype)
+        out.append(full)
+    return out
