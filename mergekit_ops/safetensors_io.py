@@ -1,13 +1,14 @@
 """Header-level safetensors access.
 
-We parse the (tiny, stable) safetensors header ourselves and read tensor bytes with
-positioned reads instead of mmap: mapped pages of multi-GB inputs would otherwise stay
-resident and count against peak memory. Writing plans every shard's header before any
+We parse the (tiny, stable) safetensors header ourselves and map each tensor on its own,
+for as long as it is in flight, instead of mapping whole files: mapped pages of multi-GB inputs
+would otherwise stay resident and count against peak memory. Writing plans every shard's header before any
 tensor exists, so tensors stream straight to disk and no shard buffer is held.
 """
 from __future__ import annotations
 
 import json
+import mmap
 import os
 import struct
 from dataclasses import dataclass
@@ -25,6 +26,10 @@ DTYPES = {
 }
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 MAX_HEADER_BYTES = 100 * 1024 * 1024
+MADV_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22 if os.uname().sysname == "Linux" else None)
+O_DIRECT = getattr(os, "O_DIRECT", 0)  # 0 where the platform has none: buffered writes
+BLOCK = 4096  # O_DIRECT alignment of offsets, lengths and buffers
+STAGE_BYTES = 8 << 20  # page-aligned staging buffer for direct writes
 
 
 @dataclass(frozen=True)
@@ -69,24 +74,60 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
     return infos, metadata
 
 
-def read_tensor(info: TensorInfo, fd: int | None = None, buf: torch.Tensor | None = None) -> torch.Tensor:
-    """Read one tensor into private memory (never a view of a mapping); `buf` (uint8, nbytes) to reuse."""
-    buf = torch.empty(info.nbytes, dtype=torch.uint8) if buf is None else buf
-    view = memoryview(buf.numpy())
+def read_tensor(info: TensorInfo, fd: int | None = None) -> torch.Tensor:
+    """One tensor, backed by a private mapping of its bytes, populated up front.
+
+    The page-cache pages are mapped, not copied: copying (and zeroing fresh pages to copy into)
+    was a fifth of a linear merge's CPU time. The mapping is private (copy-on-write), so a method
+    may modify its input without touching the file, and it is unmapped when the tensor is freed,
+    so only the tensors in flight count against memory. Falls back to a positioned read where
+    mapping is refused or the tensor's offset does not suit its dtype.
+    """
     own = fd is None
     if own:
         fd = os.open(info.path, os.O_RDONLY)
     try:
-        done = 0
-        while done < info.nbytes:
-            n = os.preadv(fd, [view[done:]], info.offset + done)
-            if n <= 0:
-                raise CheckpointError(f"{info.path}: unexpected end of file reading '{info.name}'")
-            done += n
+        start = info.offset - info.offset % mmap.ALLOCATIONGRANULARITY
+        skip = info.offset - start
+        if info.nbytes and skip % _itemsize(info.dtype) == 0:
+            try:
+                mapping = mmap.mmap(fd, skip + info.nbytes, flags=mmap.MAP_PRIVATE,
+                                    prot=mmap.PROT_READ | mmap.PROT_WRITE, offset=start)
+                _populate(mapping)
+                data = torch.frombuffer(mapping, dtype=torch.uint8, count=info.nbytes, offset=skip)
+                return data.view(info.dtype).reshape(info.shape)
+            except (OSError, ValueError):
+                pass
+        return _pread_tensor(info, fd)
     finally:
         if own:
             os.close(fd)
+
+
+def _populate(mapping: mmap.mmap) -> None:
+    """Map every page now, read-only, on the read-ahead thread (Linux 5.14+). MAP_POPULATE would
+    fault the pages for writing, copying each one (the mapping is private)."""
+    if MADV_POPULATE_READ is not None:
+        try:
+            mapping.madvise(MADV_POPULATE_READ)
+        except OSError:
+            pass
+
+
+def _pread_tensor(info: TensorInfo, fd: int) -> torch.Tensor:
+    buf = torch.empty(info.nbytes, dtype=torch.uint8)
+    view = memoryview(buf.numpy())
+    done = 0
+    while done < info.nbytes:
+        n = os.preadv(fd, [view[done:]], info.offset + done)
+        if n <= 0:
+            raise CheckpointError(f"{info.path}: unexpected end of file reading '{info.name}'")
+        done += n
     return buf.view(info.dtype).reshape(info.shape)
+
+
+def _itemsize(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
 
 
 @dataclass
@@ -113,7 +154,7 @@ class ShardPlan:
 
 
 def tensor_nbytes(dtype: torch.dtype, shape: tuple[int, ...]) -> int:
-    n = torch.empty((), dtype=dtype).element_size()
+    n = _itemsize(dtype)
     for d in shape:
         n *= d
     return n
@@ -155,8 +196,8 @@ class ShardWriter:
         if shard is not self._shard:
             self._close_file()
             self._shard = shard
-            self._file = open(self.out_dir / shard.filename, "wb")
-            self._file.write(shard.header_bytes(self.metadata))
+            self._file = SequentialFile(self.out_dir / shard.filename)
+            self._file.write(memoryview(shard.header_bytes(self.metadata)))
         data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
         self._file.write(memoryview(data))
         self._pos += 1
@@ -179,3 +220,60 @@ class ShardWriter:
         if self._file is not None:
             self._file.close()
             self._file = None
+
+
+class SequentialFile:
+    """A file written front to back, with O_DIRECT where the filesystem takes it.
+
+    Buffered writes of a multi-GB output into fresh page-cache pages cost more CPU than a linear
+    merge itself on the VMs we measured (and varied 0.5-6 s for 1.9 GB); direct writes cost ~0.1 s
+    of CPU at disk speed. Bytes pass through a page-aligned staging buffer; the last partial block
+    is padded, written, and the file truncated to its true size.
+    """
+
+    def __init__(self, path: Path):
+        self.path, self.size, self.fill = path, 0, 0
+        self.stage: mmap.mmap | None = None
+        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
+        if O_DIRECT:
+            try:
+                self.fd = os.open(path, flags | O_DIRECT, 0o666)
+                self.stage = mmap.mmap(-1, STAGE_BYTES)
+                return
+            except OSError:
+                pass
+        self.fd = os.open(path, flags, 0o666)
+
+    def write(self, data: memoryview) -> None:
+        self.size += len(data)
+        if self.stage is None:
+            _write_all(self.fd, data)
+            return
+        while len(data):
+            k = min(len(data), STAGE_BYTES - self.fill)
+            self.stage[self.fill:self.fill + k] = data[:k]
+            self.fill, data = self.fill + k, data[k:]
+            if self.fill == STAGE_BYTES:
+                self._flush(STAGE_BYTES)
+
+    def close(self) -> None:
+        try:
+            if self.stage is not None and self.fill:
+                padded = -(-self.fill // BLOCK) * BLOCK
+                self.stage[self.fill:padded] = bytes(padded - self.fill)
+                self._flush(padded)
+                os.ftruncate(self.fd, self.size)
+        finally:
+            os.close(self.fd)
+            if self.stage is not None:
+                self.stage.close()
+
+    def _flush(self, n: int) -> None:
+        with memoryview(self.stage) as view:
+            _write_all(self.fd, view[:n])
+        self.fill = 0
+
+
+def _write_all(fd: int, data: memoryview) -> None:
+    while len(data):
+        data = data[os.write(fd, data):]

@@ -84,3 +84,21 @@ def test_garbage_file_is_not_a_safetensors_file(tmp_path):
     (tmp_path / "x.safetensors").write_bytes(b"\xff" * 64)
     with pytest.raises(CheckpointError, match="x.safetensors"):
         read_header(tmp_path / "x.safetensors")
+
+
+@pytest.mark.parametrize("direct", [True, False], ids=["o_direct", "buffered"])
+def test_sequential_file_writes_exact_bytes_across_stage_boundaries(tmp_path, monkeypatch, direct):
+    from mergekit_ops import safetensors_io
+
+    monkeypatch.setattr(safetensors_io, "STAGE_BYTES", 2 * safetensors_io.BLOCK)
+    if not direct:
+        monkeypatch.setattr(safetensors_io, "O_DIRECT", 0)
+    pieces = [torch.randint(0, 256, (n,), dtype=torch.uint8) for n in (3, 8192, 5000, 1, 12289, 0, 77)]
+    f = safetensors_io.SequentialFile(tmp_path / "x.bin")
+    if direct and f.stage is None:
+        pytest.skip("this filesystem refuses O_DIRECT")
+    assert direct or f.stage is None
+    for p in pieces:
+        f.write(memoryview(p.numpy()))
+    f.close()
+    assert (tmp_path / "x.bin").read_bytes() == b"".join(p.numpy().tobytes() for p in pieces)

@@ -110,6 +110,14 @@ class TensorJob:
             views = [self._fill(buf[:sl.stop - sl.start], x[sl]) for buf, x in zip(buffers, sources)]
             yield (sl, views, None) if self.base is None else (sl, views[:-1], views[-1])
 
+    def stored_chunks(self) -> Iterator[tuple[slice, list[torch.Tensor]]]:
+        """(flat slice, inputs) per chunk in their stored dtype (rounded to the recipe dtype if it
+        differs): for methods whose kernels convert while they compute. Read-only views."""
+        sources = [x.reshape(-1) for x in self.tensors]
+        for start in range(0, self.numel, CHUNK):
+            sl = slice(start, min(start + CHUNK, self.numel))
+            yield sl, [x[sl] if self.load_dtype in (None, x.dtype) else x[sl].to(self.load_dtype) for x in sources]
+
     def delta_chunks(self, i: int) -> Iterator[tuple[slice, torch.Tensor]]:
         """(flat slice, input i minus base) per chunk, in the compute dtype, in reused buffers."""
         x, base = self.tensors[i].reshape(-1), self.base.reshape(-1)

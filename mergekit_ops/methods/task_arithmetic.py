@@ -11,6 +11,8 @@ paper) instead of matching the L1 norm (mergekit; `true` means l1, `false` none)
 """
 from __future__ import annotations
 
+import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from typing import Callable
 
@@ -26,6 +28,10 @@ COMMON = (Param("lambda", 1.0, float), Param("int8_mask", False, bool))
 WEIGHT = Param("weight", kind=float)
 ONE = torch.tensor(1.0)
 DENSITY = Param("density", 1.0, float, check=in_range(0.0, 1.0, lo_open=True))
+# Each input's sparsifier passes (histograms, norms) are independent and mostly serial kernels
+# (bincount, sort): run them side by side. Every input keeps its own generator, so results do not
+# depend on the schedule.
+_PASSES = ThreadPoolExecutor(max(1, min(4, os.cpu_count() or 1)), thread_name_prefix="mergekit-sparsify")
 
 
 def generalized_merge(job: TensorJob, sparsifier: Callable | None, consensus: bool) -> torch.Tensor:
@@ -34,7 +40,8 @@ def generalized_merge(job: TensorJob, sparsifier: Callable | None, consensus: bo
         return job.convert(job.base)
     mode = job.params["rescale"]
     weights = [p["weight"] for p in job.model_params]
-    sparse = [sparsifier(job, i, p, mode) if sparsifier else Sparsifier() for i, p in enumerate(job.model_params)]
+    sparse = (list(_PASSES.map(lambda ip: sparsifier(job, *ip, mode), enumerate(job.model_params)))
+              if sparsifier else [Sparsifier() for _ in job.model_params])
     normalize, lam = job.params["normalize"], job.params["lambda"]
     total_weight = sum(weights) if abs(sum(weights)) >= 1e-8 else 1.0
     out = job.empty_output()
