@@ -61,7 +61,7 @@ def merge_file(recipe_path: str | Path, out_dir: str | Path, options: MergeOptio
     try:
         built: dict[str, str] = {}
         for recipe in recipes:
-            _rename_models(recipe, built)
+            recipe.rename_models(built)
             target = out_dir if recipe is recipes[-1] else work / recipe.name
             merge(recipe, target, options, base_dir)
             if recipe.name:
@@ -70,14 +70,6 @@ def merge_file(recipe_path: str | Path, out_dir: str | Path, options: MergeOptio
         if not keep:
             shutil.rmtree(work, ignore_errors=True)
     return out_dir
-
-
-def _rename_models(recipe: Recipe, built: dict[str, str]) -> None:
-    for source in (recipe.models or []) + [s for sl in recipe.slices or [] for s in sl.sources]:
-        source.model = built.get(source.model, source.model)
-    recipe.base_model = built.get(recipe.base_model, recipe.base_model)
-    for sl in recipe.slices or []:
-        sl.base_model = built.get(sl.base_model, sl.base_model)
 
 
 def merge(recipe: Recipe | str | Path, out_dir: str | Path, options: MergeOptions | None = None,

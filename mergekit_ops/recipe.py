@@ -71,6 +71,18 @@ class Recipe:
         return [(f"slices[{i}].sources", sl.sources, sl.base_model or self.base_model)
                 for i, sl in enumerate(self.slices)]
 
+    def rename_models(self, mapping: dict[str, str]) -> None:
+        """Replace model references found in `mapping` (names of earlier documents, pipeline
+        names) by what they stand for, wherever the recipe names a model."""
+        for source in (self.models or []) + [s for sl in self.slices or [] for s in sl.sources]:
+            source.model = mapping.get(source.model, source.model)
+        self.base_model = mapping.get(self.base_model, self.base_model)
+        for sl in self.slices or []:
+            sl.base_model = mapping.get(sl.base_model, sl.base_model)
+        if self.tokenizer_source is not None:
+            name = self.tokenizer_source.removeprefix("model:")
+            self.tokenizer_source = mapping.get(name, self.tokenizer_source)
+
     def model_refs(self) -> list[str]:
         """Every model the recipe reads, first-seen order, base included."""
         refs = [s.model for s in self.models] if self.models else [s.model for sl in self.slices for s in sl.sources]

@@ -1,0 +1,84 @@
+"""fetch stage: put one source model (hub or local) into artifacts/models/NAME.
+
+Hub models: the pinned commit's configs and tokenizer first, then the checks of every recipe that
+reads the model (preflight.py), and only then the safetensors weights, into the normal HF cache.
+The output directory holds hard links to the cached files (or to a local source's files): no
+second copy of the weights. DVC's cache links them too (and, as DVC does, makes them read-only).
+
+    python -m stages.fetch NAME
+"""
+from __future__ import annotations
+
+import fnmatch
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import yaml
+
+from mergekit_ops.errors import MergeError
+
+from . import hub
+from .errors import FetchError
+from .preflight import check_model, hub_meta, local_meta
+
+KEEP = hub.SMALL_FILES + hub.WEIGHT_FILES
+
+
+def fetch(name: str, params: dict) -> Path:
+    spec = params["models"][name]
+    out = Path(params["artifacts"]) / "models" / name
+    if spec["source"] == "local":
+        src = Path(spec["path"])
+        if not src.is_dir():
+            raise FetchError(f"model '{name}' (conf/models/{name}.yaml): no directory {src}")
+        check_model(name, local_meta(name, src), params)
+    else:
+        repo, sha = spec["repo_id"], spec["sha"]
+        hub.check_weights_are_safetensors(repo, hub.repo_files(repo, sha))
+        check_model(name, hub_meta(name, repo, sha), params)
+        print(f"fetch {name}: {repo} @ {sha} (revision {spec['revision']})", file=sys.stderr)
+        src = hub.download(repo, sha, KEEP)
+    link_tree(src, out)
+    return out
+
+
+def link_tree(src: Path, out: Path) -> None:
+    """Hard-link the model files of src (top level) into out, atomically; copy across filesystems."""
+    files = sorted(p for p in src.iterdir() if p.is_file() and any(fnmatch.fnmatch(p.name, k) for k in KEEP))
+    tmp = out.with_name(f".{out.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    for f in files:
+        real = f.resolve()  # HF cache entries are symlinks to blobs
+        try:
+            os.link(real, tmp / f.name)
+        except OSError:
+            shutil.copyfile(real, tmp / f.name)
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 1:
+        print("usage: python -m stages.fetch NAME", file=sys.stderr)
+        return 2
+    params = yaml.safe_load(Path("params.yaml").read_text())
+    if args[0] not in params["models"]:
+        print(f"error: no model '{args[0]}' in params.yaml (run `dvc repro`, which composes conf/ first)",
+              file=sys.stderr)
+        return 2
+    try:
+        out = fetch(args[0], params)
+    except (FetchError, MergeError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"fetched {args[0]} into {out}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,116 @@
+"""The build graph: which merge reads which model or merge, and its rendering as dvc.yaml.
+
+Every stage is written out with its own deps (DVC's foreach cannot give a stage a variable-length
+deps list), so a merge of merges is an ordinary edge from the parent's output directory.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+from omegaconf import DictConfig
+
+from .errors import ConfigError
+
+FETCH_CODE = ["stages/fetch.py", "stages/hub.py", "stages/preflight.py"]
+MERGE_CODE = ["stages/merge.py", "mergekit_ops"]
+COMPOSE_CODE = ["stages/compose.py", "stages/graph.py", "stages/schema.py"]
+
+
+class Graph:
+    """Source models and merges; `inputs[merge]` lists what the merge reads, by name."""
+
+    def __init__(self, sources: dict[str, dict], inputs: dict[str, list[str]]):
+        self.sources, self.inputs = sources, inputs
+        self.models = sorted(sources)
+        self.merges = sorted(inputs)
+
+    def check_acyclic(self, conf_dir: Path) -> None:
+        state: dict[str, str] = {}
+
+        def visit(name: str, path: list[str]) -> None:
+            if state.get(name) == "done" or name not in self.inputs:
+                return
+            if state.get(name) == "open":
+                cycle = path[path.index(name):] + [name]
+                raise ConfigError(f"{conf_dir / 'merges' / (name + '.yaml')}: recipes use each other in a cycle: "
+                                  + " -> ".join(cycle))
+            state[name] = "open"
+            for ref in self.inputs[name]:
+                visit(ref, path + [name])
+            state[name] = "done"
+
+        for name in self.merges:
+            visit(name, [])
+
+    def select(self, build: list[str] | None) -> "Graph":
+        """The recipes to build (all when None) and what they need, merges in dependency order."""
+        wanted = list(self.merges) if build is None else list(build)
+        order: list[str] = []
+        models = set(self.sources) if build is None else set()
+
+        def visit(name: str) -> None:
+            if name in self.sources:
+                models.add(name)
+                return
+            if name in order:
+                return
+            for ref in self.inputs[name]:
+                visit(ref)
+            order.append(name)
+
+        for name in sorted(wanted):
+            visit(name)
+        graph = Graph({m: self.sources[m] for m in models}, {m: self.inputs[m] for m in order})
+        graph.merges = order
+        return graph
+
+    def artifact(self, ref: str, artifacts: str) -> str:
+        return f"{artifacts}/models/{ref}" if ref in self.sources else f"{artifacts}/merges/{ref}"
+
+    def users(self, model: str) -> list[str]:
+        """The merges that read this model directly."""
+        return [m for m in self.merges if model in self.inputs[m]]
+
+
+def render_dvc_yaml(graph: Graph, cfg: DictConfig, conf_dir: Path, root: Path) -> str:
+    """dvc.yaml for this graph: compose, the demo, one fetch per model, one merge per recipe."""
+    artifacts = cfg.paths.artifacts
+    conf_files = [str((conf_dir / "config.yaml").relative_to(root))] + sorted(
+        str(p.relative_to(root)) for group in ("models", "merges") for p in (conf_dir / group).glob("*.yaml"))
+    stages: dict[str, dict] = {"compose": {
+        "cmd": "python -m stages.compose",
+        "always_changed": True,
+        "deps": COMPOSE_CODE,
+        "params": [{f: None} for f in conf_files],
+        "outs": [{"params.yaml": {"cache": False, "persist": True}}],
+    }}
+    if cfg.demo.enabled:
+        stages["demo"] = {"cmd": f"python -m stages.demo {cfg.demo.out}", "deps": ["stages/demo.py"],
+                          "outs": [cfg.demo.out]}
+    for name in graph.models:
+        src = graph.sources[name]
+        deps = list(FETCH_CODE)
+        if src["source"] == "local":
+            deps.append(_dep_path(src["path"], root))
+        stages[f"fetch-{name}"] = {"cmd": f"python -m stages.fetch {name}", "deps": deps,
+                                   "params": [f"models.{name}"], "outs": [graph.artifact(name, artifacts)]}
+    for name in graph.merges:
+        stages[f"merge-{name}"] = {
+            "cmd": f"python -m stages.merge {name}",
+            "deps": MERGE_CODE + [graph.artifact(ref, artifacts) for ref in graph.inputs[name]],
+            "params": [f"merges.{name}"],
+            "outs": [graph.artifact(name, artifacts)],
+        }
+    return yaml.safe_dump({"stages": stages}, sort_keys=False, width=120)
+
+
+def _dep_path(path: str, root: Path) -> str:
+    """A local source as DVC should see it: relative to the project when inside it."""
+    p = Path(path)
+    if p.is_absolute():
+        try:
+            return str(p.relative_to(root.resolve()))
+        except ValueError:
+            return str(p)
+    return path
