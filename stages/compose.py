@@ -18,6 +18,7 @@ from pathlib import Path
 
 import yaml
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from mergekit_ops.errors import RecipeError
 from mergekit_ops.recipe import parse_recipe
@@ -36,7 +37,6 @@ def compose(conf_dir: Path, overrides: list[str] = ()) -> DictConfig:
     """conf/config.yaml with every file of conf/models and conf/merges, typed by the schema."""
     from hydra import compose as hydra_compose, initialize_config_dir
     from hydra.errors import HydraException
-    from omegaconf.errors import OmegaConfBaseException
 
     register()
     groups = []
@@ -67,8 +67,8 @@ def _describe(exc: Exception, conf_dir: Path) -> str:
 
 def check(cfg: DictConfig, conf_dir: Path) -> Graph:
     """Everything that can be wrong before a byte is fetched: sources, recipes, names, cycles."""
-    models = OmegaConf.to_container(cfg.models)
-    merges = OmegaConf.to_container(cfg.merges)
+    models = OmegaConf.to_container(cfg.models, resolve=True)
+    merges = OmegaConf.to_container(cfg.merges, resolve=True)
     clash = sorted(set(models) & set(merges))
     if clash:
         raise ConfigError(f"'{clash[0]}' is both conf/models/{clash[0]}.yaml and conf/merges/{clash[0]}.yaml; "
@@ -109,13 +109,13 @@ def resolved_params(cfg: DictConfig, graph: Graph) -> dict:
     artifacts = cfg.paths.artifacts
     models = {}
     for name in graph.models:
-        m = OmegaConf.to_container(cfg.models[name])
+        m = OmegaConf.to_container(cfg.models[name], resolve=True)
         if m["source"] == "hub":
             m["sha"] = resolve_revision(m["repo_id"], m["revision"])
         models[name] = {k: v for k, v in m.items() if v is not None and k != "description"}
     merges = {}
     for name in graph.merges:
-        body = OmegaConf.to_container(cfg.merges[name])
+        body = OmegaConf.to_container(cfg.merges[name], resolve=True)
         merges[name] = {
             "recipe": _mergekit_body(body),
             "seed": body["seed"],
@@ -154,6 +154,9 @@ def main(argv: list[str] | None = None) -> int:
         params = resolved_params(cfg, graph)
     except (ConfigError, RecipeError, FetchError) as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except OmegaConfBaseException as exc:  # e.g. an interpolation that does not resolve
+        print(f"error: {_describe(exc, conf_dir)}", file=sys.stderr)
         return 2
     write_if_changed(args.root / "params.yaml", yaml.safe_dump(params, sort_keys=True))
     old_stages = _stage_names(args.root / "dvc.yaml")

@@ -1,9 +1,9 @@
-"""fetch stage: put one source model (hub or local) into artifacts/models/NAME.
+"""fetch stage: put one hub model into artifacts/models/NAME (local models need no fetch: merges
+read them in place).
 
 Hub models: the pinned commit's configs and tokenizer first, then the checks of every recipe that
 reads the model (preflight.py), and only then the safetensors weights, into the normal HF cache.
-The output directory holds hard links to the cached files (or to a local source's files): no
-second copy of the weights. DVC's cache links them too (and, as DVC does, makes them read-only).
+The output directory holds hard links to the cached files: no second copy of the weights. DVC's cache links them too (and, as DVC does, makes them read-only).
 
     python -m stages.fetch NAME
 """
@@ -21,7 +21,7 @@ from mergekit_ops.errors import MergeError
 
 from . import hub
 from .errors import FetchError
-from .preflight import check_model, hub_meta, local_meta
+from .preflight import check_model, hub_meta
 
 KEEP = hub.SMALL_FILES + hub.WEIGHT_FILES
 
@@ -29,23 +29,17 @@ KEEP = hub.SMALL_FILES + hub.WEIGHT_FILES
 def fetch(name: str, params: dict) -> Path:
     spec = params["models"][name]
     out = Path(params["artifacts"]) / "models" / name
-    if spec["source"] == "local":
-        src = Path(spec["path"])
-        if not src.is_dir():
-            raise FetchError(f"model '{name}' (conf/models/{name}.yaml): no directory {src}")
-        check_model(name, local_meta(name, src), params)
-    else:
-        repo, sha = spec["repo_id"], spec["sha"]
-        hub.check_weights_are_safetensors(repo, hub.repo_files(repo, sha))
-        check_model(name, hub_meta(name, repo, sha), params)
-        print(f"fetch {name}: {repo} @ {sha} (revision {spec['revision']})", file=sys.stderr)
-        src = hub.download(repo, sha, KEEP)
-    link_tree(src, out)
+    repo, sha = spec["repo_id"], spec["sha"]
+    hub.check_weights_are_safetensors(repo, hub.repo_files(repo, sha))
+    check_model(name, hub_meta(name, repo, sha), params)
+    print(f"fetch {name}: {repo} @ {sha} (revision {spec['revision']})", file=sys.stderr)
+    link_tree(hub.download(repo, sha, KEEP), out)
     return out
 
 
 def link_tree(src: Path, out: Path) -> None:
-    """Hard-link the model files of src (top level) into out, atomically; copy across filesystems."""
+    """Hard-link the model files of a snapshot (top level) into out, atomically; copy across
+    filesystems."""
     files = sorted(p for p in src.iterdir() if p.is_file() and any(fnmatch.fnmatch(p.name, k) for k in KEEP))
     tmp = out.with_name(f".{out.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -67,8 +61,8 @@ def main(argv: list[str] | None = None) -> int:
         print("usage: python -m stages.fetch NAME", file=sys.stderr)
         return 2
     params = yaml.safe_load(Path("params.yaml").read_text())
-    if args[0] not in params["models"]:
-        print(f"error: no model '{args[0]}' in params.yaml (run `dvc repro`, which composes conf/ first)",
+    if params["models"].get(args[0], {}).get("source") != "hub":
+        print(f"error: no hub model '{args[0]}' in params.yaml (run `dvc repro`, which composes conf/ first)",
               file=sys.stderr)
         return 2
     try:

@@ -1,5 +1,7 @@
 """The build graph: which merge reads which model or merge, and its rendering as dvc.yaml.
 
+Hub models get a fetch stage; local models are read where they are, as a dependency DVC hashes.
+
 Every stage is written out with its own deps (DVC's foreach cannot give a stage a variable-length
 deps list), so a merge of merges is an ordinary edge from the parent's output directory.
 """
@@ -66,7 +68,13 @@ class Graph:
         return graph
 
     def artifact(self, ref: str, artifacts: str) -> str:
-        return f"{artifacts}/models/{ref}" if ref in self.sources else f"{artifacts}/merges/{ref}"
+        """Where a model or merge is read from: a local source in place (DVC tracks the directory;
+        a copy would be hashed a second time), a hub model from its fetch stage's output."""
+        if ref not in self.sources:
+            return f"{artifacts}/merges/{ref}"
+        if self.sources[ref]["source"] == "local":
+            return self.sources[ref]["path"]
+        return f"{artifacts}/models/{ref}"
 
     def users(self, model: str) -> list[str]:
         """The merges that read this model directly."""
@@ -74,7 +82,7 @@ class Graph:
 
 
 def render_dvc_yaml(graph: Graph, cfg: DictConfig, conf_dir: Path, root: Path) -> str:
-    """dvc.yaml for this graph: compose, the demo, one fetch per model, one merge per recipe."""
+    """dvc.yaml for this graph: compose, the demo, one fetch per hub model, one merge per recipe."""
     artifacts = cfg.paths.artifacts
     conf_files = [str((conf_dir / "config.yaml").relative_to(root))] + sorted(
         str(p.relative_to(root)) for group in ("models", "merges") for p in (conf_dir / group).glob("*.yaml"))
@@ -89,16 +97,13 @@ def render_dvc_yaml(graph: Graph, cfg: DictConfig, conf_dir: Path, root: Path) -
         stages["demo"] = {"cmd": f"python -m stages.demo {cfg.demo.out}", "deps": ["stages/demo.py"],
                           "outs": [cfg.demo.out]}
     for name in graph.models:
-        src = graph.sources[name]
-        deps = list(FETCH_CODE)
-        if src["source"] == "local":
-            deps.append(_dep_path(src["path"], root))
-        stages[f"fetch-{name}"] = {"cmd": f"python -m stages.fetch {name}", "deps": deps,
-                                   "params": [f"models.{name}"], "outs": [graph.artifact(name, artifacts)]}
+        if graph.sources[name]["source"] == "hub":
+            stages[f"fetch-{name}"] = {"cmd": f"python -m stages.fetch {name}", "deps": FETCH_CODE,
+                                       "params": [f"models.{name}"], "outs": [graph.artifact(name, artifacts)]}
     for name in graph.merges:
         stages[f"merge-{name}"] = {
             "cmd": f"python -m stages.merge {name}",
-            "deps": MERGE_CODE + [graph.artifact(ref, artifacts) for ref in graph.inputs[name]],
+            "deps": MERGE_CODE + [_dep_path(graph.artifact(ref, artifacts), root) for ref in graph.inputs[name]],
             "params": [f"merges.{name}"],
             "outs": [graph.artifact(name, artifacts)],
         }

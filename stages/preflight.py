@@ -50,13 +50,13 @@ def hub_meta(name: str, repo_id: str, sha: str) -> ModelMeta:
 
 
 def meta_of(name: str, params: dict) -> ModelMeta | None:
-    """A source model's metadata from wherever it is now: fetched, local, or on the hub."""
-    fetched = Path(params["artifacts"]) / "models" / name
-    if any(fetched.glob("*.safetensors")):
-        return local_meta(name, fetched)
+    """A source model's metadata from wherever it is now: local, fetched, or on the hub."""
     spec = params["models"][name]
     if spec["source"] == "local":
         return local_meta(name, Path(spec["path"])) if Path(spec["path"]).is_dir() else None
+    fetched = Path(params["artifacts"]) / "models" / name
+    if any(fetched.glob("*.safetensors")):
+        return local_meta(name, fetched)
     return hub_meta(name, spec["repo_id"], spec["sha"])
 
 

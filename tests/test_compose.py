@@ -42,7 +42,7 @@ def test_composes_models_and_merges_into_a_typed_config(tmp_path):
     graph = compose.check(cfg, conf)
     assert graph.merges == ["soup", "again"]  # dependency order
     params = compose.resolved_params(cfg, graph)
-    assert params["merges"]["again"]["inputs"] == {"soup": "artifacts/merges/soup", "a": "artifacts/models/a"}
+    assert params["merges"]["again"]["inputs"] == {"soup": "artifacts/merges/soup", "a": "x/a"}  # local: in place
     assert "seed" not in params["merges"]["soup"]["recipe"]
 
 
@@ -86,3 +86,13 @@ def test_build_list_selects_recipes_and_what_they_need(tmp_path):
 
 def test_checked_in_dvc_yaml_matches_conf():
     assert compose.main(["--check", "--root", str(ROOT)]) == 0
+
+
+def test_interpolations_resolve_and_a_broken_one_names_its_file(tmp_path, capsys):
+    conf = _conf(tmp_path, MODELS, {"soup": {**_soup("a", "b"), "seed": "${merges.other.seed}"},
+                                    "other": {**_soup("a"), "seed": 7}})
+    cfg = compose.compose(conf)
+    assert compose.resolved_params(cfg, compose.check(cfg, conf))["merges"]["soup"]["seed"] == 7
+    conf = _conf(tmp_path / "2", MODELS, {"soup": {**_soup("a"), "description": "${nowhere}"}})
+    assert compose.main(["--root", str(tmp_path / "2")]) == 2
+    assert "conf/merges/soup.yaml: key 'description'" in capsys.readouterr().err

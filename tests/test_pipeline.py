@@ -3,15 +3,15 @@ what an edit affects, fetches hub models from an offline cache, and notices a mo
 import json
 import os
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 
 from pipeline import hub_cache, new_project, read_conf, repro, run, write_conf
 from tiny import finetune, llama_state, write_model
-
-FETCHES = {"fetch-base", "fetch-m0", "fetch-m1"}
 
 
 def _ties(density=0.5):
@@ -51,14 +51,20 @@ def project(built, tmp_path):
     return copy
 
 
+def params_sha(project, model):
+    return yaml.safe_load((project / "params.yaml").read_text())["models"][model]["sha"]
+
+
 def _load(path):
     return {k: v for f in sorted(path.glob("*.safetensors")) for k, v in load_file(str(f)).items()}
 
 
 def test_fresh_repro_builds_every_stage(built):
     project, ran = built
-    assert ran == {"compose"} | FETCHES | {"merge-soup", "merge-ties", "merge-blend"}
-    soup, m0, m1 = (_load(project / "artifacts" / p) for p in ("merges/soup", "models/m0", "models/m1"))
+    assert ran == {"compose", "merge-soup", "merge-ties", "merge-blend"}  # local models: read in place
+    assert not (project / "artifacts/models").exists()
+    soup, m0, m1 = (_load(p) for p in (project / "artifacts/merges/soup", project.parent / "src/m0",
+                                       project.parent / "src/m1"))
     for name, t in soup.items():
         torch.testing.assert_close(t, (m0[name] + m1[name]) / 2)
     blend, ties = _load(project / "artifacts/merges/blend"), _load(project / "artifacts/merges/ties")
@@ -69,13 +75,6 @@ def test_fresh_repro_builds_every_stage(built):
 def test_second_repro_runs_nothing_but_the_compose_check(project):
     ran, proc = repro(project)
     assert ran == {"compose"}, proc.stdout
-
-
-def test_fetched_weights_are_links_not_copies(built):
-    project, _ = built
-    fetched = project / "artifacts/models/m0/model.safetensors"
-    source = project.parent / "src/m0/model.safetensors"
-    assert fetched.resolve().stat().st_ino == source.stat().st_ino
 
 
 def test_recipe_edit_reruns_that_merge_and_its_dependents_only(project):
@@ -109,7 +108,8 @@ def test_exp_run_with_a_conf_override(project):
     run(["git", "commit", "-qm", "built"], project)
     proc = run(["dvc", "exp", "run", "-S", "conf/merges/soup.yaml:models.0.parameters.weight=3.0"], project)
     assert "Running stage 'merge-soup'" in proc.stdout and "Running stage 'merge-ties'" not in proc.stdout
-    soup, m0, m1 = (_load(project / "artifacts" / p) for p in ("merges/soup", "models/m0", "models/m1"))
+    soup = _load(project / "artifacts/merges/soup")
+    m0, m1 = (_load(Path(read_conf(project, "models", m)["path"])) for m in ("m0", "m1"))
     for name, t in soup.items():
         torch.testing.assert_close(t, (3 * m0[name] + m1[name]) / 4)
 
@@ -127,7 +127,10 @@ def test_hub_model_from_offline_cache_moved_branch_and_no_token_written(tmp_path
                           {"ta": {"merge_method": "task_arithmetic", "base_model": "base",
                                   "models": [{"model": "tuned", "parameters": {"weight": 1.0}}]}}, env)
     ran, _ = repro(project, env)
-    assert ran == {"compose", "fetch-base", "fetch-tuned", "merge-ta"}
+    assert ran == {"compose", "fetch-tuned", "merge-ta"}
+    fetched = project / "artifacts/models/tuned/model.safetensors"
+    blob = cache / "models--org--tuned" / "snapshots" / params_sha(project, "tuned") / "model.safetensors"
+    assert fetched.resolve().stat().st_ino == blob.resolve().stat().st_ino  # a link, not a second copy
     v1 = load_file(str(src["v1"] / "model.safetensors"))
     assert all(torch.equal(t, v1[k]) for k, t in _load(project / "artifacts/merges/ta").items())
     assert repro(project, env)[0] == {"compose"}
