@@ -84,13 +84,10 @@ class Graph:
 def render_dvc_yaml(graph: Graph, cfg: DictConfig, conf_dir: Path, root: Path) -> str:
     """dvc.yaml for this graph: compose, the demo, one fetch per hub model, one merge per recipe."""
     artifacts = cfg.paths.artifacts
-    conf_files = [str((conf_dir / "config.yaml").relative_to(root))] + sorted(
-        str(p.relative_to(root)) for group in ("models", "merges") for p in (conf_dir / group).glob("*.yaml"))
     stages: dict[str, dict] = {"compose": {
         "cmd": "python -m stages.compose",
         "always_changed": True,
-        "deps": COMPOSE_CODE,
-        "params": [{f: None} for f in conf_files],
+        "deps": COMPOSE_CODE + [str(conf_dir.relative_to(root))],  # the directory: files may come and go
         "outs": [{"params.yaml": {"cache": False, "persist": True}}],
     }}
     if cfg.demo.enabled:

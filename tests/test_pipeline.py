@@ -103,6 +103,18 @@ def test_new_recipe_says_run_again_then_builds_only_it(project):
     assert (project / "artifacts/merges/slerp/model.safetensors").is_file()
 
 
+def test_removed_and_rewired_recipes_change_the_graph(project):
+    (project / "conf/merges/blend.yaml").unlink()
+    _, proc = repro(project, check=False)
+    assert proc.returncode != 0 and "removed merge-blend" in proc.stderr + proc.stdout
+    assert repro(project)[0] == {"compose"}
+    write_conf(project, "merges", "soup", {"merge_method": "linear", "models": [
+        {"model": "ties", "parameters": {"weight": 1.0}}, {"model": "m1", "parameters": {"weight": 1.0}}]})
+    _, proc = repro(project, check=False)
+    assert proc.returncode != 0 and "rewired" in proc.stderr + proc.stdout
+    assert repro(project)[0] == {"compose", "merge-soup"}
+
+
 def test_exp_run_with_a_conf_override(project):
     run(["git", "add", "-A"], project)
     run(["git", "commit", "-qm", "built"], project)
