@@ -15,11 +15,10 @@ import shutil
 import sys
 from pathlib import Path
 
-import yaml
-
 from mergekit_ops.errors import MergeError
 
 from . import hub
+from .cli import run_stage
 from .errors import FetchError
 from .preflight import check_model, hub_meta
 
@@ -56,22 +55,9 @@ def link_tree(src: Path, out: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = sys.argv[1:] if argv is None else argv
-    if len(args) != 1:
-        print("usage: python -m stages.fetch NAME", file=sys.stderr)
-        return 2
-    params = yaml.safe_load(Path("params.yaml").read_text())
-    if params["models"].get(args[0], {}).get("source") != "hub":
-        print(f"error: no hub model '{args[0]}' in params.yaml (run `dvc repro`, which composes conf/ first)",
-              file=sys.stderr)
-        return 2
-    try:
-        out = fetch(args[0], params)
-    except (FetchError, MergeError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    print(f"fetched {args[0]} into {out}", file=sys.stderr)
-    return 0
+    return run_stage(argv, "stages.fetch", "models", "hub model",
+                     lambda name, params: f"fetched {name} into {fetch(name, params)}", (FetchError, MergeError),
+                     accept=lambda spec: spec["source"] == "hub")
 
 
 if __name__ == "__main__":

@@ -10,12 +10,12 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-import yaml
-
 from mergekit_ops import MergeOptions, merge
 from mergekit_ops.errors import MergeError
 from mergekit_ops.progress import ProgressBar
 from mergekit_ops.recipe import parse_recipe
+
+from .cli import run_stage
 
 
 def build(name: str, params: dict, progress: bool = False) -> Path:
@@ -32,22 +32,9 @@ def build(name: str, params: dict, progress: bool = False) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = sys.argv[1:] if argv is None else argv
-    if len(args) != 1:
-        print("usage: python -m stages.merge NAME", file=sys.stderr)
-        return 2
-    params = yaml.safe_load(Path("params.yaml").read_text())
-    if args[0] not in params["merges"]:
-        print(f"error: no recipe '{args[0]}' in params.yaml (run `dvc repro`, which composes conf/ first)",
-              file=sys.stderr)
-        return 2
-    try:
-        out = build(args[0], params, progress=sys.stderr.isatty())
-    except MergeError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    print(f"merged {args[0]} into {out}", file=sys.stderr)
-    return 0
+    return run_stage(argv, "stages.merge", "merges", "recipe",
+                     lambda name, params: f"merged {name} into {build(name, params, sys.stderr.isatty())}",
+                     (MergeError,))
 
 
 if __name__ == "__main__":
