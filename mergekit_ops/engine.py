@@ -110,8 +110,10 @@ def execute(plan: MergePlan, out_dir: Path, options: MergeOptions) -> Path:
         writer.close()
         _replace_dir(tmp, out_dir)
     except BaseException:
-        writer.abort()
-        shutil.rmtree(tmp, ignore_errors=True)
+        try:
+            writer.abort()
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out_dir
 

@@ -109,12 +109,11 @@ def build_plan(recipe: Recipe, checkpoints: dict[str, Checkpoint], allow_crimes:
 def _plan_vocab(recipe: Recipe, ckpts: list[Checkpoint], reference: int, index: dict[str, int]) -> VocabPlan:
     source = recipe.tokenizer_source
     out_index = reference if source in ("base", "union") else index[source.removeprefix("model:")]
-    limits = []
+    limits = []  # token ids past a model's embedding rows (or its config's vocab_size) are unused
     for c in ckpts:
-        rows = c.config.get("vocab_size")
-        if not isinstance(rows, int):
-            rows = next((t.shape[0] for n, t in c.tensors.items() if is_vocab_tensor(n)), 0)
-        limits.append(rows)
+        rows = [t.shape[0] for n, t in c.tensors.items() if is_vocab_tensor(n)]
+        configured = c.config.get("vocab_size")
+        limits.append(min(rows + ([configured] if isinstance(configured, int) else [])) if rows else 0)
     tokenizers = [Tokenizer.read(c.path, c.ref) for c in ckpts]
     return plan_vocab(source, tokenizers, limits, out_index, recipe.pad_to_multiple_of, [c.ref for c in ckpts])
 

@@ -214,7 +214,9 @@ class ShardWriter:
             (self.out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
 
     def abort(self) -> None:
-        self._close_file()
+        if self._file is not None:
+            self._file.discard()
+            self._file = None
 
     def _close_file(self) -> None:
         if self._file is not None:
@@ -238,10 +240,11 @@ class SequentialFile:
         if O_DIRECT:
             try:
                 self.fd = os.open(path, flags | O_DIRECT, 0o666)
-                self.stage = mmap.mmap(-1, STAGE_BYTES)
-                return
             except OSError:
                 pass
+            else:
+                self.stage = mmap.mmap(-1, STAGE_BYTES)
+                return
         self.fd = os.open(path, flags, 0o666)
 
     def write(self, data: memoryview) -> None:
@@ -257,6 +260,7 @@ class SequentialFile:
                 self._flush(STAGE_BYTES)
 
     def close(self) -> None:
+        """Write what is staged and close: the file is complete."""
         try:
             if self.stage is not None and self.fill:
                 padded = -(-self.fill // BLOCK) * BLOCK
@@ -264,13 +268,18 @@ class SequentialFile:
                 self._flush(padded)
                 os.ftruncate(self.fd, self.size)
         finally:
+            self.discard()
+
+    def discard(self) -> None:
+        """Close without writing what is staged (after a failure: the file is thrown away). The
+        staging buffer is left to the garbage collector: a failed write's traceback may still hold
+        views of it, and closing an exported mmap raises."""
+        if self.fd is not None:
             os.close(self.fd)
-            if self.stage is not None:
-                self.stage.close()
+            self.fd, self.stage = None, None
 
     def _flush(self, n: int) -> None:
-        with memoryview(self.stage) as view:
-            _write_all(self.fd, view[:n])
+        _write_all(self.fd, memoryview(self.stage)[:n])
         self.fill = 0
 
 

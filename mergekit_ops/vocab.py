@@ -1,8 +1,8 @@
 """Vocabulary alignment: merge models whose tokenizers differ (mergekit's `tokenizer_source`).
 
 With a tokenizer source (`base`, `union` or one model), the output vocabulary is that tokenizer's
-(for `union`: the base's, then every token the other models add, appended in model order, then
-token id order). Each model's embedding-like tensors (embeddings, lm_head) are permuted into the
+(for `union`: the base's, then every token the other models add, in model order, then id order;
+tokens that are added tokens in a model's tokenizer come after the plain ones, as in mergekit). Each model's embedding-like tensors (embeddings, lm_head) are permuted into the
 output order before the merge method sees them. A token a model lacks gets, in mergekit's order of
 rules: the row of the only model that has it; zero if none has it; the base model's row if the base
 has it; else the mean of the rows of the models that have it. Rows past the vocabulary (from
@@ -70,7 +70,7 @@ def plan_vocab(source: str, tokenizers: list[Tokenizer], limits: list[int], out_
     `union`). `limits[i]` is model i's embedding rows: ids past it are unused tokens, missing from
     that model (and stripped from a `base`/`union` output tokenizer, as mergekit does)."""
     usable = [{t: i for t, i in tok.ids.items() if i < limit} for tok, limit in zip(tokenizers, limits)]
-    strip = source != "model"
+    strip = source in ("base", "union")  # a model source's tokenizer is taken as it is
     out = dict(usable[out_index] if strip else tokenizers[out_index].ids)
     stripped = strip and len(out) != len(tokenizers[out_index].ids)
     added: list[dict] = []

@@ -15,8 +15,8 @@ def run_stage(argv: list[str] | None, prog: str, section: str, what: str, action
     if len(args) != 1:
         print(f"usage: python -m {prog} NAME", file=sys.stderr)
         return 2
-    params = yaml.safe_load(Path("params.yaml").read_text())
-    spec = (params.get(section) or {}).get(args[0])
+    params = yaml.safe_load(Path("params.yaml").read_text()) if Path("params.yaml").is_file() else None
+    spec = ((params or {}).get(section) or {}).get(args[0])
     if spec is None or not accept(spec):
         print(f"error: no {what} '{args[0]}' in params.yaml (run `dvc repro`, which composes conf/ first)",
               file=sys.stderr)
@@ -25,5 +25,8 @@ def run_stage(argv: list[str] | None, prog: str, section: str, what: str, action
         print(action(args[0], params), file=sys.stderr)
     except errors as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # disk full, permissions...: the message names the file
+        print(f"error: {section} '{args[0]}': {exc}", file=sys.stderr)
         return 2
     return 0

@@ -104,7 +104,7 @@ def train(model, tasks: list, steps: int, lr: float, seed: int) -> None:
 
 @torch.no_grad()
 def accuracy(model, cases: list[tuple[str, str]]) -> float:
-    """Exact match of greedy answers (the check the evaluation stage makes too)."""
+    """Exact match of greedy answers."""
     hits = 0
     for prompt, answer in cases:
         ids = torch.tensor([[VOCAB.index(BOS)] + encode(prompt)])

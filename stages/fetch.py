@@ -22,24 +22,24 @@ from .cli import run_stage
 from .errors import FetchError
 from .preflight import check_model, hub_meta
 
-KEEP = hub.SMALL_FILES + hub.WEIGHT_FILES
-
 
 def fetch(name: str, params: dict) -> Path:
     spec = params["models"][name]
     out = Path(params["artifacts"]) / "models" / name
     repo, sha = spec["repo_id"], spec["sha"]
     hub.check_weights_are_safetensors(repo, hub.repo_files(repo, sha))
+    small = hub.download(repo, sha, hub.SMALL_FILES)
     check_model(name, hub_meta(name, repo, sha), params)
     print(f"fetch {name}: {repo} @ {sha} (revision {spec['revision']})", file=sys.stderr)
-    link_tree(hub.download(repo, sha, KEEP), out)
+    wanted = hub.SMALL_FILES + hub.weight_files(small)
+    link_tree(hub.download(repo, sha, wanted), out, wanted)
     return out
 
 
-def link_tree(src: Path, out: Path) -> None:
-    """Hard-link the model files of a snapshot (top level) into out, atomically; copy across
-    filesystems."""
-    files = sorted(p for p in src.iterdir() if p.is_file() and any(fnmatch.fnmatch(p.name, k) for k in KEEP))
+def link_tree(src: Path, out: Path, patterns: list[str]) -> None:
+    """Hard-link the top-level files of a snapshot that match `patterns` into out, atomically;
+    copy across filesystems."""
+    files = sorted(p for p in src.iterdir() if p.is_file() and any(fnmatch.fnmatch(p.name, k) for k in patterns))
     tmp = out.with_name(f".{out.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)

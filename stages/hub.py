@@ -3,7 +3,8 @@ downloading its weights, download into the normal HF cache.
 
 Honours HF_HUB_OFFLINE and HF_HUB_CACHE (huggingface_hub reads them at import). A private repo
 uses HF_TOKEN through huggingface_hub itself: this module never reads, prints or stores a token.
-Only safetensors weights, JSON configs and tokenizer files are downloaded; pickle weights never.
+Only top-level files are downloaded: the safetensors weights the model loads, JSON configs and
+tokenizer files; pickle weights never.
 """
 from __future__ import annotations
 
@@ -79,7 +80,16 @@ def download(repo_id: str, sha: str, patterns: list[str]) -> Path:
     from huggingface_hub import snapshot_download
 
     return Path(_call(f"hub model '{repo_id}' @ {sha}", snapshot_download, repo_id, revision=sha,
-                      allow_patterns=patterns))
+                      allow_patterns=patterns, ignore_patterns=["*/*"]))  # top level only
+
+
+def weight_files(snapshot: Path) -> list[str]:
+    """The safetensors files the model loads: its index's shards, else every top-level one (a repo
+    may also ship others, e.g. a `consolidated.safetensors` copy, that nothing reads)."""
+    index = snapshot / "model.safetensors.index.json"
+    if index.is_file():
+        return sorted(set(read_json(index).get("weight_map", {}).values()))
+    return WEIGHT_FILES
 
 
 def remote_headers(repo_id: str, sha: str) -> dict[str, tuple[str, list[int]]]:

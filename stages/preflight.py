@@ -3,8 +3,9 @@
 Reads only config.json and safetensors headers (the hub serves headers by range request) of the
 model and of the other models each recipe reads, and compares architecture, vocabulary and every
 tensor's name and shape. A merge of a whole-model merge is compared through that merge's
-reference model, whose tensors it inherits; a frankenmerge parent is skipped (its layout is only
-known once built), and the merge stage's own checks still run before any tensor is merged.
+reference model, whose tensors it inherits; a frankenmerge parent, or one that aligns vocabularies,
+is skipped (its layout is only known once built), and the merge stage's own checks still run
+before any tensor is merged.
 """
 from __future__ import annotations
 
@@ -43,7 +44,10 @@ def hub_meta(name: str, repo_id: str, sha: str) -> ModelMeta:
     """From the cache if the weights are there, else config.json plus the hub's headers."""
     snapshot = cache_repo_dir(repo_id) / "snapshots" / sha
     if any(snapshot.glob("*.safetensors")):
-        return local_meta(name, snapshot)
+        try:
+            return local_meta(name, snapshot)
+        except FetchError:  # an interrupted download (shards missing): ask the hub instead
+            pass
     small = download(repo_id, sha, SMALL_FILES)
     config = read_json(small / "config.json") if (small / "config.json").is_file() else {}
     return ModelMeta(name, config, {n: (d, tuple(s)) for n, (d, s) in remote_headers(repo_id, sha).items()})
@@ -88,8 +92,8 @@ def _leaf(ref: str, params: dict) -> str | None:
     while ref in params["merges"] and ref not in seen:
         seen.add(ref)
         body = params["merges"][ref]["recipe"]
-        if not body.get("models"):
-            return None
+        if not body.get("models") or body.get("tokenizer_source") or body.get("tokenizer"):
+            return None  # a frankenmerge, or a vocabulary of its own: known only once built
         first = body["models"][0]
         ref = body.get("base_model") or (first["model"] if isinstance(first, dict) else first)
     return ref if ref in params["models"] else None

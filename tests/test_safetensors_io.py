@@ -102,3 +102,21 @@ def test_sequential_file_writes_exact_bytes_across_stage_boundaries(tmp_path, mo
         f.write(memoryview(p.numpy()))
     f.close()
     assert (tmp_path / "x.bin").read_bytes() == b"".join(p.numpy().tobytes() for p in pieces)
+
+
+def test_a_failed_write_aborts_cleanly(tmp_path, monkeypatch):
+    from mergekit_ops import safetensors_io
+
+    state = {"a": torch.randn(3000, 7), "b": torch.randn(5000)}
+    writer = ShardWriter(tmp_path, plan_shards([(k, v.dtype, tuple(v.shape)) for k, v in state.items()], 10**9))
+    writer.write("a", state["a"])
+
+    def disk_full(fd, data):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(safetensors_io.os, "write", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        writer.write("b", state["b"])
+        writer.close()
+    writer.abort()  # closes without flushing again and without raising
+    assert writer._file is None

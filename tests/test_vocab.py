@@ -184,3 +184,14 @@ def test_tokens_added_in_padding_rows_merge_without_a_tokenizer_source(tmp_path,
         {"model": str(tmp_path / m), "parameters": {"weight": 1.0}} for m in ("base", "chat")]})
     chat = load_file(str(tmp_path / "chat" / "model.safetensors"))
     torch.testing.assert_close(out["lm_head.weight"], (base["lm_head.weight"] + chat["lm_head.weight"]) / 2)
+
+
+def test_a_model_source_tokenizer_is_taken_unstripped(tmp_path, seed):
+    base = llama_state(vocab=VOCAB, seed=seed)
+    write_model(tmp_path / "base", base)
+    write_model(tmp_path / "chat", finetune(base, seed + 1), added_tokens=["<unused>"])  # id VOCAB: no row
+    path, out = _merge(tmp_path, {"merge_method": "linear", "tokenizer_source": str(tmp_path / "chat"), "models": [
+        {"model": str(tmp_path / m), "parameters": {"weight": 1.0}} for m in ("base", "chat")]})
+    assert (path / "tokenizer.json").read_bytes() == (tmp_path / "chat" / "tokenizer.json").read_bytes()
+    assert out["lm_head.weight"].shape[0] == VOCAB + 1  # the unused token's row: the default rule's zero
+    assert torch.equal(out["lm_head.weight"][VOCAB], torch.zeros(out["lm_head.weight"].shape[1]))

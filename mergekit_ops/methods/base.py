@@ -112,7 +112,8 @@ class TensorJob:
 
     def stored_chunks(self) -> Iterator[tuple[slice, list[torch.Tensor]]]:
         """(flat slice, inputs) per chunk in their stored dtype (rounded to the recipe dtype if it
-        differs): for methods whose kernels convert while they compute. Read-only views."""
+        differs): for methods whose kernels convert while they compute. Views of the inputs (copies
+        when rounded): read them, never write them."""
         sources = [x.reshape(-1) for x in self.tensors]
         for start in range(0, self.numel, CHUNK):
             sl = slice(start, min(start + CHUNK, self.numel))
