@@ -36,14 +36,8 @@ def write_side_files(plan: MergePlan, out: Path, copy_tokenizer: bool = True) ->
 
 
 def _tokenizer_donor(plan: MergePlan) -> Path:
-    source = plan.recipe.tokenizer_source
-    if source in (None, "base", "union"):
-        return plan.checkpoints[plan.reference].path
-    ref = source.removeprefix("model:")
-    for ckpt in plan.checkpoints:
-        if ckpt.ref == ref:
-            return ckpt.path
-    raise RecipeError(f"'{ref}' is not one of the recipe's models", plan.recipe.source, "tokenizer_source")
+    """The model whose tokenizer files the output starts from: the tokenizer source, else the reference."""
+    return plan.checkpoints[plan.vocab.source if plan.vocab is not None else plan.reference].path
 
 
 def _write_merged_tokenizer(plan: MergePlan, out: Path) -> None:

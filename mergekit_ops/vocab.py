@@ -2,8 +2,9 @@
 
 With a tokenizer source (`base`, `union` or one model), the output vocabulary is that tokenizer's
 (for `union`: the base's, then every token the other models add, in model order, then id order;
-tokens that are added tokens in a model's tokenizer come after the plain ones, as in mergekit). Each model's embedding-like tensors (embeddings, lm_head) are permuted into the
-output order before the merge method sees them. A token a model lacks gets, in mergekit's order of
+tokens that are added tokens in a model's tokenizer come after the plain ones, as in mergekit).
+Each model's embedding-like tensors (embeddings, lm_head) are permuted into the output order
+before the merge method sees them. A token a model lacks gets, in mergekit's order of
 rules: the row of the only model that has it; zero if none has it; the base model's row if the base
 has it; else the mean of the rows of the models that have it. Rows past the vocabulary (from
 `pad_to_multiple_of`) get the mean of the token rows. Only `tokenizer.json` (fast tokenizers) is
@@ -57,6 +58,7 @@ class Tokenizer:
 class VocabPlan:
     """The output vocabulary and, per model, where each output row comes from (-1: missing)."""
 
+    source: int  # checkpoint index whose tokenizer the output's starts from
     rows: int  # output rows of every vocabulary tensor (tokens, padded)
     tokens: int  # rows that belong to a token; rows past it are padding
     perms: dict[int, torch.Tensor]  # checkpoint index -> int64 (tokens,) source row or -1
@@ -94,7 +96,7 @@ def plan_vocab(source: str, tokenizers: list[Tokenizer], limits: list[int], out_
     if added or stripped:
         tokenizer = _stripped(tokenizers[out_index].data, limits[out_index])
         tokenizer["added_tokens"] = (tokenizer.get("added_tokens") or []) + added
-    return VocabPlan(rows, len(out), perms, tokenizer, added)
+    return VocabPlan(out_index, rows, len(out), perms, tokenizer, added)
 
 
 def _stripped(data: dict, limit: int) -> dict:

@@ -109,10 +109,10 @@ def resolved_params(cfg: DictConfig, graph: Graph) -> dict:
     artifacts = cfg.paths.artifacts
     models = {}
     for name in graph.models:
-        m = OmegaConf.to_container(cfg.models[name], resolve=True)
+        m = {k: v for k, v in graph.sources[name].items() if v is not None and k != "description"}
         if m["source"] == "hub":
             m["sha"] = resolve_revision(m["repo_id"], m["revision"])
-        models[name] = {k: v for k, v in m.items() if v is not None and k != "description"}
+        models[name] = m
     merges = {}
     for name in graph.merges:
         body = OmegaConf.to_container(cfg.merges[name], resolve=True)

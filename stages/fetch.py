@@ -28,10 +28,9 @@ def fetch(name: str, params: dict) -> Path:
     out = Path(params["artifacts"]) / "models" / name
     repo, sha = spec["repo_id"], spec["sha"]
     hub.check_weights_are_safetensors(repo, hub.repo_files(repo, sha))
-    small = hub.download(repo, sha, hub.SMALL_FILES)
-    check_model(name, hub_meta(name, repo, sha), params)
+    check_model(name, hub_meta(name, repo, sha), params)  # leaves config and index in the snapshot
     print(f"fetch {name}: {repo} @ {sha} (revision {spec['revision']})", file=sys.stderr)
-    wanted = hub.SMALL_FILES + hub.weight_files(small)
+    wanted = hub.SMALL_FILES + hub.weight_files(hub.snapshot_dir(repo, sha))
     link_tree(hub.download(repo, sha, wanted), out, wanted)
     return out
 

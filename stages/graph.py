@@ -76,10 +76,6 @@ class Graph:
             return self.sources[ref]["path"]
         return f"{artifacts}/models/{ref}"
 
-    def users(self, model: str) -> list[str]:
-        """The merges that read this model directly."""
-        return [m for m in self.merges if model in self.inputs[m]]
-
 
 def render_dvc_yaml(graph: Graph, cfg: DictConfig, conf_dir: Path, root: Path) -> str:
     """dvc.yaml for this graph: compose, the demo, one fetch per hub model, one merge per recipe."""

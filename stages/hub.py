@@ -33,6 +33,10 @@ def cache_repo_dir(repo_id: str) -> Path:
     return Path(constants.HF_HUB_CACHE) / ("models--" + repo_id.replace("/", "--"))
 
 
+def snapshot_dir(repo_id: str, sha: str) -> Path:
+    return cache_repo_dir(repo_id) / "snapshots" / sha
+
+
 def resolve_revision(repo_id: str, revision: str) -> str:
     """The commit a branch or tag points to now (offline: where the local cache says it points)."""
     if SHA_RE.match(revision):
@@ -54,7 +58,7 @@ def resolve_revision(repo_id: str, revision: str) -> str:
 def repo_files(repo_id: str, sha: str) -> list[str]:
     """Every file of the repo at that commit (offline: the files the cache holds)."""
     if offline():
-        snapshot = cache_repo_dir(repo_id) / "snapshots" / sha
+        snapshot = snapshot_dir(repo_id, sha)
         if not snapshot.is_dir():
             raise FetchError(f"hub model '{repo_id}' @ {sha}: HF_HUB_OFFLINE is set and {snapshot} does not exist")
         return sorted(str(p.relative_to(snapshot)) for p in snapshot.rglob("*") if p.is_file())

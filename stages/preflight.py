@@ -18,7 +18,7 @@ from mergekit_ops.recipe import Recipe, parse_recipe
 from mergekit_ops.vocab import is_vocab_tensor
 
 from .errors import FetchError
-from .hub import cache_repo_dir, download, read_json, remote_headers, SMALL_FILES
+from .hub import SMALL_FILES, download, read_json, remote_headers, snapshot_dir
 
 LM_HEAD = "lm_head.weight"
 
@@ -41,8 +41,9 @@ def local_meta(name: str, path: Path) -> ModelMeta:
 
 
 def hub_meta(name: str, repo_id: str, sha: str) -> ModelMeta:
-    """From the cache if the weights are there, else config.json plus the hub's headers."""
-    snapshot = cache_repo_dir(repo_id) / "snapshots" / sha
+    """From the cache if the weights are there, else config.json plus the hub's headers (the small
+    files are downloaded into the cached snapshot on the way)."""
+    snapshot = snapshot_dir(repo_id, sha)
     if any(snapshot.glob("*.safetensors")):
         try:
             return local_meta(name, snapshot)

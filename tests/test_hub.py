@@ -20,7 +20,6 @@ def test_weight_files_follow_the_index(tmp_path):
 def test_interrupted_download_falls_back_to_remote_headers(tmp_path, monkeypatch, seed):
     model = write_model(tmp_path / "m", llama_state(seed=seed), shards=2)
     monkeypatch.setattr(hub, "cache_repo_dir", lambda repo: tmp_path / "hf" / "models--org--m")
-    monkeypatch.setattr(preflight, "cache_repo_dir", lambda repo: tmp_path / "hf" / "models--org--m")
     sha = hub_cache(tmp_path / "hf", "org/m", model)
     snapshot = tmp_path / "hf" / "models--org--m" / "snapshots" / sha
     (snapshot / "model-00002-of-00002.safetensors").unlink()  # the download stopped after one shard

@@ -3,18 +3,16 @@ from __future__ import annotations
 
 import torch
 
-from .base import Method, Param, TensorJob
+from .base import CHUNK, Method, Param, TensorJob
 
 
 def merge_linear(job: TensorJob) -> torch.Tensor:
     weights = [p["weight"] for p in job.model_params]
     scale = 1.0 / sum(weights) if job.params["normalize"] else 1.0
     out = job.empty_output()
-    acc = None
+    scratch = torch.empty(min(CHUNK, job.numel), dtype=job.compute_dtype, device=out.device)
     for sl, xs in job.stored_chunks():
-        acc = acc if acc is not None and acc.numel() == sl.stop - sl.start else torch.empty(
-            sl.stop - sl.start, dtype=job.compute_dtype, device=xs[0].device)
-        acc.copy_(xs[0]).mul_(weights[0] * scale)
+        acc = scratch[:sl.stop - sl.start].copy_(xs[0]).mul_(weights[0] * scale)
         for w, x in zip(weights[1:], xs[1:]):
             acc.add_(x, alpha=w * scale)  # mixed dtypes: converted inside the kernel, no copy pass
         out[sl] = acc
