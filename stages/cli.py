@@ -1,5 +1,5 @@
-"""The shared entry point of per-item stages: `python -m stages.X NAME` builds params.yaml's
-SECTION.NAME and reports failures as one line naming what is at fault (exit 2), never a traceback."""
+"""The shared entry point of per-item stages: `python -m stages.X NAME` acts on one item of
+params.yaml and reports failures as one line naming what is at fault (exit 2), never a traceback."""
 from __future__ import annotations
 
 import sys
@@ -9,15 +9,14 @@ from typing import Callable
 import yaml
 
 
-def run_stage(argv: list[str] | None, prog: str, section: str, what: str, action: Callable[[str, dict], str],
-              errors: tuple[type[Exception], ...], accept: Callable[[dict], bool] = lambda spec: True) -> int:
+def run_stage(argv: list[str] | None, prog: str, what: str, exists: Callable[[dict, str], bool],
+              action: Callable[[str, dict], str], errors: tuple[type[Exception], ...]) -> int:
     args = sys.argv[1:] if argv is None else argv
     if len(args) != 1:
         print(f"usage: python -m {prog} NAME", file=sys.stderr)
         return 2
     params = yaml.safe_load(Path("params.yaml").read_text()) if Path("params.yaml").is_file() else None
-    spec = ((params or {}).get(section) or {}).get(args[0])
-    if spec is None or not accept(spec):
+    if not params or not exists(params, args[0]):
         print(f"error: no {what} '{args[0]}' in params.yaml (run `dvc repro`, which composes conf/ first)",
               file=sys.stderr)
         return 2
@@ -27,6 +26,16 @@ def run_stage(argv: list[str] | None, prog: str, section: str, what: str, action
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except OSError as exc:  # disk full, permissions...: the message names the file
-        print(f"error: {section} '{args[0]}': {exc}", file=sys.stderr)
+        print(f"error: {what} '{args[0]}': {exc}", file=sys.stderr)
         return 2
     return 0
+
+
+def in_section(section: str, accept: Callable[[dict], bool] = lambda spec: True) -> Callable[[dict, str], bool]:
+    """`exists` for items of one params.yaml section."""
+    return lambda params, name: name in (params.get(section) or {}) and accept(params[section][name])
+
+
+def is_model(params: dict, name: str) -> bool:
+    """`exists` for any model or merge."""
+    return name in (params.get("models") or {}) or name in (params.get("merges") or {})

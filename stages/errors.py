@@ -7,3 +7,15 @@ class ConfigError(Exception):
 
 class FetchError(Exception):
     """A source model cannot be fetched, or cannot work with the recipes that use it."""
+
+
+class EvalError(Exception):
+    """A model cannot be evaluated: a suite's data file, or the model itself, is unusable."""
+
+
+class LineageError(Exception):
+    """MLflow cannot record or return lineage (unreachable server, missing record)."""
+
+
+class PublishError(Exception):
+    """A publish target cannot be staged or pushed, or its model failed a gate."""

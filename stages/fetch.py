@@ -18,7 +18,7 @@ from pathlib import Path
 from mergekit_ops.errors import MergeError
 
 from . import hub
-from .cli import run_stage
+from .cli import in_section, run_stage
 from .errors import FetchError
 from .preflight import check_model, hub_meta
 
@@ -54,9 +54,8 @@ def link_tree(src: Path, out: Path, patterns: list[str]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run_stage(argv, "stages.fetch", "models", "hub model",
-                     lambda name, params: f"fetched {name} into {fetch(name, params)}", (FetchError, MergeError),
-                     accept=lambda spec: spec["source"] == "hub")
+    return run_stage(argv, "stages.fetch", "hub model", in_section("models", lambda spec: spec["source"] == "hub"),
+                     lambda name, params: f"fetched {name} into {fetch(name, params)}", (FetchError, MergeError))
 
 
 if __name__ == "__main__":

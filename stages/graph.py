@@ -12,10 +12,16 @@ from pathlib import Path
 import yaml
 from omegaconf import DictConfig
 
+from .built import base_of
 from .errors import ConfigError
 
 FETCH_CODE = ["stages/fetch.py", "stages/hub.py", "stages/preflight.py"]
-MERGE_CODE = ["stages/merge.py", "mergekit_ops"]
+MERGE_CODE = ["stages/merge.py", "mergekit_ops", "stages/tracking.py", "stages/digest.py", "stages/built.py"]
+EVAL_CODE = ["stages/evaluate.py", "stages/evaluation.py", "stages/metrics.py", "stages/tracking.py",
+             "stages/digest.py", "stages/built.py"]
+REPORT_CODE = ["stages/report.py", "stages/metrics.py", "stages/built.py"]
+PUBLISH_CODE = ["stages/publish.py", "stages/card.py", "stages/hub_push.py", "stages/lineage.py", "stages/tracking.py",
+                "stages/digest.py", "stages/built.py", "stages/report.py", "stages/metrics.py"]
 COMPOSE_CODE = ["stages/compose.py", "stages/graph.py", "stages/schema.py"]
 
 
@@ -77,8 +83,10 @@ class Graph:
         return f"{artifacts}/models/{ref}"
 
 
-def render_dvc_yaml(graph: Graph, cfg: DictConfig, conf_dir: Path, root: Path) -> str:
-    """dvc.yaml for this graph: compose, the demo, one fetch per hub model, one merge per recipe."""
+def render_dvc_yaml(graph: Graph, params: dict, cfg: DictConfig, conf_dir: Path, root: Path) -> str:
+    """dvc.yaml for this graph: compose, the demo, one fetch per hub model, one merge per recipe;
+    with suites in conf/eval, one evaluation per model and merge and one report per merge; one
+    publish per target; and the reports' bar plots."""
     artifacts = cfg.paths.artifacts
     stages: dict[str, dict] = {"compose": {
         "cmd": "python -m stages.compose",
@@ -100,7 +108,39 @@ def render_dvc_yaml(graph: Graph, cfg: DictConfig, conf_dir: Path, root: Path) -
             "params": [f"merges.{name}"],
             "outs": [graph.artifact(name, artifacts)],
         }
-    return yaml.safe_dump({"stages": stages}, sort_keys=False, width=120)
+    plots = []
+    if params["evaluate"]["suites"]:
+        data = sorted({_dep_path(path, root) for s in params["evaluate"]["suites"].values() for path in s["tasks"].values()})
+        for name in graph.models + graph.merges:
+            stages[f"eval-{name}"] = {
+                "cmd": f"python -m stages.evaluate {name}",
+                "deps": EVAL_CODE + [_dep_path(graph.artifact(name, artifacts), root)] + data,
+                "params": ["evaluate.suites"],
+                "metrics": [{f"{artifacts}/eval/{name}.json": {"cache": False}}],
+            }
+        for name in graph.merges:
+            compared = [name] + graph.inputs[name] + [b for b in [base_of(name, params)] if b not in graph.inputs[name]]
+            report = f"{artifacts}/reports/{name}"
+            stages[f"report-{name}"] = {
+                "cmd": f"python -m stages.report {name}",
+                "deps": REPORT_CODE + [f"{artifacts}/eval/{m}.json" for m in compared],
+                "params": ["evaluate.baseline"],
+                "outs": [{f"{report}/report.md": {"cache": False}}],
+                "metrics": [{f"{report}/retention.json": {"cache": False}}],
+                "plots": [{f"{report}/scores.json": {"cache": False}}],
+            }
+            plots.append({f"{report}/scores.json": {"title": f"{name}: merge vs parents and base", "template":
+                          "bar_horizontal", "x": "score", "y": "label"}})
+    for target, spec in params["publish"].items():
+        model = spec["model"]
+        stages[f"publish-{target}"] = {
+            "cmd": f"python -m stages.publish {target}",
+            "deps": PUBLISH_CODE + [graph.artifact(model, artifacts), f"{artifacts}/eval/{model}.json",
+                                    f"{artifacts}/reports/{model}/retention.json"],
+            "params": [f"publish.{target}", f"merges.{model}"],
+            "outs": [{f"{artifacts}/publish/{target}": {"cache": False}}],
+        }
+    return yaml.safe_dump({"stages": stages} | ({"plots": plots} if plots else {}), sort_keys=False, width=120)
 
 
 def _dep_path(path: str, root: Path) -> str:

@@ -16,7 +16,7 @@ from pathlib import Path
 from .errors import FetchError
 
 SHA_RE = re.compile(r"^[0-9a-f]{40}$")
-SMALL_FILES = ["*.json", "tokenizer.model", "*.txt", "*.jinja", "*.tiktoken"]
+SMALL_FILES = ["*.json", "tokenizer.model", "*.txt", "*.jinja", "*.tiktoken", "README.md"]  # the card: its license
 WEIGHT_FILES = ["*.safetensors"]
 PICKLE_FILES = ["*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl"]
 

@@ -1,4 +1,5 @@
-"""merge stage: build one recipe of conf/merges with mergekit_ops into artifacts/merges/NAME.
+"""merge stage: build one recipe of conf/merges with mergekit_ops into artifacts/merges/NAME and
+record it in MLflow (its parents as model inputs).
 
 The recipe names its inputs (models of conf/models, other recipes); params.yaml maps each name
 to the artifact directory DVC tracks for it.
@@ -7,6 +8,7 @@ to the artifact directory DVC tracks for it.
 """
 from __future__ import annotations
 
+import shutil
 import sys
 from pathlib import Path
 
@@ -15,26 +17,37 @@ from mergekit_ops.errors import MergeError
 from mergekit_ops.progress import ProgressBar
 from mergekit_ops.recipe import parse_recipe
 
-from .cli import run_stage
+from . import tracking
+from .cli import in_section, run_stage
+from .errors import LineageError
 
 
 def build(name: str, params: dict, progress: bool = False) -> Path:
+    """Merge, then record the merge in MLflow; a merge that cannot be recorded is removed (MLflow is
+    opened first, so an unreachable store fails before any work)."""
     spec = params["merges"][name]
     recipe = parse_recipe(spec["recipe"], f"conf/merges/{name}.yaml")
     recipe.rename_models(spec["inputs"])
     out = Path(params["artifacts"]) / "merges" / name
+    tracking.connect()
     bar = ProgressBar() if progress else None
     try:
-        return merge(recipe, out, MergeOptions(seed=spec["seed"], progress=bar))
+        merge(recipe, out, MergeOptions(seed=spec["seed"], progress=bar))
     finally:
         if bar:
             bar.close()
+    try:
+        tracking.ensure(name, params)
+    except BaseException:
+        shutil.rmtree(out, ignore_errors=True)
+        raise
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run_stage(argv, "stages.merge", "merges", "recipe",
+    return run_stage(argv, "stages.merge", "recipe", in_section("merges"),
                      lambda name, params: f"merged {name} into {build(name, params, sys.stderr.isatty())}",
-                     (MergeError,))
+                     (MergeError, LineageError))
 
 
 if __name__ == "__main__":

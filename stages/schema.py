@@ -20,6 +20,7 @@ class ModelSource:
     path: Optional[str] = None  # local: a directory (relative to the project root)
     repo_id: Optional[str] = None  # hub: "org/name"
     revision: str = "main"  # hub: a branch, tag or commit sha
+    license: Optional[str] = None  # what merges inherit on publication (a hub model's card may say)
     description: str = ""
 
 
@@ -43,6 +44,47 @@ class MergeRecipe:
 
 
 @dataclass
+class EvalSuite:
+    """conf/eval/NAME.yaml: one evaluation suite, run on every model and merge (stages/evaluation.py)."""
+
+    kind: str = MISSING  # perplexity | exact_match | lm_eval
+    tasks: Dict[str, str] = MISSING  # task name -> data file: text, prompt/answer JSONL, lm-eval task YAML
+    limit: Optional[int] = None  # score only the first N documents or cases of each task
+    batch_size: int = 16
+    max_length: int = 1024  # perplexity: tokens per scored window
+    max_new_tokens: int = 32  # exact_match: the generation budget
+    metric: str = "acc,none"  # lm_eval: which reported metric is the score
+    description: str = ""
+
+
+@dataclass
+class Gates:
+    """Thresholds a model must pass to be published. Keys are 'suite/task', or '*' for every task."""
+
+    min_retention: Dict[str, float] = field(default_factory=dict)  # merge / best parent (see stages/report.py)
+    min_score: Dict[str, float] = field(default_factory=dict)
+    max_score: Dict[str, float] = field(default_factory=dict)  # e.g. a perplexity ceiling
+
+
+@dataclass
+class PublishTarget:
+    """conf/publish/NAME.yaml: a hub repo that receives one merge when it passes its gates."""
+
+    model: str = MISSING  # a recipe of conf/merges
+    repo_id: str = MISSING  # "org/name"
+    push: bool = False  # false: a dry run (the staged folder and a receipt only)
+    private: bool = True  # when the repo is created
+    gates: Gates = field(default_factory=Gates)
+    alias: str = "candidate"  # the MLflow registry alias a model that passes its gates gets
+    description: str = ""
+
+
+@dataclass
+class Evaluate:
+    baseline: Optional[str] = None  # the model merges without a base_model are compared with
+
+
+@dataclass
 class Paths:
     artifacts: str = "artifacts"  # fetched models in artifacts/models, merges in artifacts/merges
 
@@ -57,13 +99,17 @@ class Demo:
 
 @dataclass
 class Config:
-    """The composed project: conf/config.yaml plus every file of conf/models and conf/merges."""
+    """The composed project: conf/config.yaml plus every file of conf/models, conf/merges, conf/eval
+    (as `suites`) and conf/publish."""
 
     paths: Paths = field(default_factory=Paths)
     demo: Demo = field(default_factory=Demo)
     build: Optional[List[str]] = None  # recipes to build (with what they need); None: all of them
+    evaluate: Evaluate = field(default_factory=Evaluate)
     models: Dict[str, ModelSource] = field(default_factory=dict)
     merges: Dict[str, MergeRecipe] = field(default_factory=dict)
+    suites: Dict[str, EvalSuite] = field(default_factory=dict)
+    publish: Dict[str, PublishTarget] = field(default_factory=dict)
 
 
 def register() -> None:

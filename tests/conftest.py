@@ -32,3 +32,27 @@ def family(tmp_path, seed):
     for i in range(3):
         paths[f"m{i}"] = write_model(tmp_path / f"m{i}", finetune(base, seed + i + 1), shards=2 if i == 2 else 1)
     return paths
+
+
+@pytest.fixture(scope="session")
+def mlflow_template(tmp_path_factory) -> Path:
+    """An MLflow sqlite DB migrated once per session (migrations take seconds); tests copy it."""
+    from stages import tracking
+
+    root = tmp_path_factory.mktemp("mlflow-template")
+    os.environ.pop("MLFLOW_TRACKING_URI", None)
+    tracking.connect(root)
+    return root / "mlflow.db"
+
+
+@pytest.fixture
+def mlflow_store(tmp_path, mlflow_template, monkeypatch) -> str:
+    """A private copy of the template store, as MLFLOW_TRACKING_URI; the test runs in tmp_path."""
+    import shutil
+
+    db = tmp_path / "mlflow.db"
+    shutil.copyfile(mlflow_template, db)
+    uri = f"sqlite:///{db}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.chdir(tmp_path)
+    return uri

@@ -83,3 +83,37 @@ def write_recipe(path: Path, recipe: dict | str) -> Path:
     path = Path(path)
     path.write_text(recipe if isinstance(recipe, str) else yaml.safe_dump(recipe, sort_keys=False))
     return path
+
+
+SPECIALS = ["<pad>", "<s>", "</s>"]
+
+
+def write_causal_lm(path: Path, seed: int, words: int = 21, layers: int = 2, hidden: int = 16) -> Path:
+    """A random transformers Llama that AutoModelForCausalLM and AutoTokenizer load: a whitespace
+    word-level tokenizer over <pad> <s> </s> w0..w{words-1} that starts every text with <s>."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    tokens = SPECIALS + [f"w{i}" for i in range(words)]
+    config = LlamaConfig(vocab_size=len(tokens), hidden_size=hidden, intermediate_size=2 * hidden,
+                         num_hidden_layers=layers, num_attention_heads=2, num_key_value_heads=2,
+                         max_position_embeddings=64, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    model = LlamaForCausalLM(config)
+    with torch.no_grad():  # random init is near-uniform; sharper logits make greedy answers vary
+        model.lm_head.weight.mul_(20)
+    model.save_pretrained(path)
+    specials = [{"id": i, "content": t, "single_word": False, "lstrip": False, "rstrip": False, "normalized": False,
+                 "special": True} for i, t in enumerate(SPECIALS)]
+    bos = {"SpecialToken": {"id": "<s>", "type_id": 0}}
+    data = {"version": "1.0", "truncation": None, "padding": None, "added_tokens": specials, "normalizer": None,
+            "pre_tokenizer": {"type": "WhitespaceSplit"},
+            "post_processor": {"type": "TemplateProcessing", "single": [bos, {"Sequence": {"id": "A", "type_id": 0}}],
+                               "pair": [bos, {"Sequence": {"id": "A", "type_id": 0}}, {"Sequence": {"id": "B", "type_id": 0}}],
+                               "special_tokens": {"<s>": {"id": "<s>", "ids": [1], "tokens": ["<s>"]}}},
+            "decoder": None, "model": {"type": "WordLevel", "vocab": {t: i for i, t in enumerate(tokens)},
+                                       "unk_token": "<pad>"}}
+    (path / "tokenizer.json").write_text(json.dumps(data))
+    (path / "tokenizer_config.json").write_text(json.dumps(
+        {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>",
+         "model_max_length": 64}))
+    return path

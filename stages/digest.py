@@ -1,0 +1,64 @@
+"""Content digests of artifact directories: what MLflow records and model cards show, so a
+model's record is found again by what it holds, not by where it lies.
+
+A directory's digest is sha256 over its files' relative paths, sizes and sha256 sums. File sums
+are cached (like DVC's own hash cache) by path, size, mtime and inode in .mergeforge/digests.json
+under the project, so multi-GB weights are read once.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+CACHE = Path(".mergeforge") / "digests.json"
+BLOCK = 1 << 22
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(BLOCK):
+            h.update(block)
+    return h.hexdigest()
+
+
+def directory_digest(directory: Path, cache_file: Path = CACHE) -> str:
+    """'sha256:<hex>' of every file under directory (hidden files and folders excluded)."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise FileNotFoundError(f"{directory}: no such model directory")
+    cache = _load(cache_file)
+    changed = False
+    lines = []
+    for path in sorted(p for p in directory.rglob("*") if p.is_file()):
+        rel = path.relative_to(directory)
+        if any(part.startswith(".") for part in rel.parts):
+            continue
+        st = path.stat()
+        key, stamp = str(path.resolve()), [st.st_size, st.st_mtime_ns, st.st_ino]
+        entry = cache.get(key)
+        if entry is None or entry[:3] != stamp:
+            entry = stamp + [file_sha256(path)]
+            cache[key] = entry
+            changed = True
+        lines.append(f"{rel.as_posix()}\0{st.st_size}\0{entry[3]}\n")
+    if changed:
+        _save(cache_file, cache)
+    return "sha256:" + hashlib.sha256("".join(lines).encode()).hexdigest()
+
+
+def _load(cache_file: Path) -> dict:
+    try:
+        return json.loads(Path(cache_file).read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _save(cache_file: Path, cache: dict) -> None:
+    cache_file = Path(cache_file)
+    cache_file.parent.mkdir(parents=True, exist_ok=True)
+    tmp = cache_file.with_name(f".{cache_file.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(cache, sort_keys=True))
+    tmp.replace(cache_file)

@@ -1,0 +1,88 @@
+"""The lineage tree of an artifact, read back from MLflow: a merge, the merges it was made from,
+down to the source models (hub repo and commit, or local path) with their content digests.
+
+    python -m stages.lineage NAME      (run in the project; MLFLOW_TRACKING_URI overrides the store)
+
+When the artifact is on disk, the record of exactly those bytes is shown; otherwise the newest
+record of that name.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import yaml
+
+from . import tracking
+from .built import artifact_path
+from .digest import directory_digest
+from .errors import LineageError
+
+TAG = tracking.TAG
+
+
+def record_of(name: str, params: dict | None):
+    """The LoggedModel of the artifact as built now (or the newest of that name)."""
+    digest = None
+    if params and (name in params.get("models", {}) or name in params.get("merges", {})):
+        path = artifact_path(name, params)
+        digest = directory_digest(path) if path.is_dir() else None
+    model = tracking.find(name, digest)
+    if model is None:
+        state = f"with digest {digest}" if digest else "at all"
+        raise LineageError(f"MLflow at {tracking.shown_uri(tracking.tracking_uri())} has no record of '{name}' "
+                           f"{state}: run `dvc repro` (its merge or eval stage records it)")
+    return model
+
+
+def describe(model) -> str:
+    tags = model.tags
+    digest = tags.get(f"{TAG}digest", "?")[:19]
+    if f"{TAG}method" in tags:
+        what = f"merge ({tags[f'{TAG}method']})"
+    elif tags.get(f"{TAG}source") == "hub":
+        what = f"hub {tags.get(f'{TAG}repo_id')} @ {tags.get(f'{TAG}sha', '?')}"
+    else:
+        what = f"local {tags.get(f'{TAG}path')}"
+    return f"{model.name}  {what}  {digest}  [{model.model_id}]"
+
+
+def parents_of(model) -> list:
+    """The models the run that built this one took as inputs, in recipe order (none for sources)."""
+    import mlflow
+
+    if not model.source_run_id:
+        return []
+    with tracking.mlflow_errors(f"cannot read the run that built '{model.name}'"):
+        run = mlflow.get_run(model.source_run_id)
+        found = [mlflow.get_logged_model(i.model_id) for i in (run.inputs.model_inputs or [])]
+    order = run.data.tags.get(f"{TAG}inputs", "").split(",")
+    return sorted(found, key=lambda m: order.index(m.name) if m.name in order else len(order))
+
+
+def tree(model, prefix: str = "", last: bool = True, root: bool = True) -> list[str]:
+    lines = [describe(model) if root else prefix + ("└── " if last else "├── ") + describe(model)]
+    children = parents_of(model)
+    inner = "" if root else prefix + ("    " if last else "│   ")
+    for i, child in enumerate(children):
+        lines += tree(child, inner, i == len(children) - 1, root=False)
+    return lines
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 1 or args[0].startswith("-"):
+        print("usage: python -m stages.lineage NAME", file=sys.stderr)
+        return 2
+    params = yaml.safe_load(Path("params.yaml").read_text()) if Path("params.yaml").is_file() else None
+    try:
+        tracking.connect()
+        print("\n".join(tree(record_of(args[0], params))))
+    except LineageError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,160 @@
+"""MLflow records of every artifact: one LoggedModel per model or merge, found again by name and
+content digest, with merges linked to their parents as model inputs of the run that built them.
+
+The tracking store is MLFLOW_TRACKING_URI when set (a team server), else a sqlite DB inside the
+project at an absolute path (DVC's queued experiments run in a temp copy of the repo). Records are
+idempotent: an artifact whose (name, digest) is already recorded is not recorded again, and a
+parent missing from the store (a fresh DB, a build restored from DVC's cache) is recorded from
+params.yaml on the way. Weights are never logged: DVC stores them.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import warnings
+from contextlib import contextmanager
+from pathlib import Path
+
+from .built import artifact_path, parents
+from .digest import directory_digest, file_sha256
+from .errors import LineageError
+
+EXPERIMENT = "mergeforge"
+TAG = "mergeforge."
+
+
+def tracking_uri(root: Path | None = None) -> str:
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{(root or Path.cwd()).resolve() / 'mlflow.db'}"
+
+
+def shown_uri(uri: str) -> str:
+    """The URI without credentials (a team server URI may carry user:password@)."""
+    scheme, sep, rest = uri.partition("://")
+    return scheme + sep + rest.rpartition("@")[2] if sep else uri
+
+
+@contextmanager
+def mlflow_errors(what: str):
+    """Any failure inside MLflow becomes a LineageError naming the store (credentials removed)."""
+    try:
+        yield
+    except LineageError:
+        raise
+    except Exception as exc:  # MLflow, SQLAlchemy and HTTP clients raise unrelated types
+        first = str(exc).splitlines()[0] if str(exc) else ""
+        uri = shown_uri(tracking_uri())
+        raise LineageError(f"MLflow at {uri}: {what}: {type(exc).__name__}: {first.replace(tracking_uri(), uri)}") from None
+
+
+def connect(root: Path | None = None) -> str:
+    """Point MLflow at the store and make sure the experiment exists; returns its id."""
+    import logging
+
+    import mlflow
+
+    logging.getLogger("mlflow").setLevel(logging.WARNING)  # migrations and registry chatter
+    warnings.filterwarnings("ignore", module="mlflow")
+    root = (root or Path.cwd()).resolve()
+    mlflow.set_tracking_uri(tracking_uri(root))
+    with mlflow_errors("cannot open the experiment"):
+        experiment = mlflow.get_experiment_by_name(EXPERIMENT)
+        experiment_id = (experiment.experiment_id if experiment else
+                         mlflow.create_experiment(EXPERIMENT, artifact_location=(root / "mlartifacts").as_uri()))
+        mlflow.set_experiment(experiment_id=experiment_id)
+        return experiment_id
+
+
+def find(name: str, digest: str | None = None):
+    """The newest LoggedModel of that name (and digest), or None."""
+    import mlflow
+
+    query = f"name = '{name}'" + (f" AND tags.`{TAG}digest` = '{digest}'" if digest else "")
+    with mlflow_errors(f"cannot search for model '{name}'"):
+        found = mlflow.search_logged_models(filter_string=query, order_by=[{"field_name": "creation_timestamp",
+                                                                             "ascending": False}],
+                                            max_results=1, output_format="list")
+    return found[0] if found else None
+
+
+def ensure(name: str, params: dict) -> str:
+    """The model id of this artifact as it is on disk now, recording it (and its parents) if new."""
+    import mlflow
+    from mlflow.entities import LoggedModelInput
+
+    path = artifact_path(name, params)
+    digest = directory_digest(path)
+    existing = find(name, digest)
+    if existing is not None:
+        return existing.model_id
+    tags = {f"{TAG}name": name, f"{TAG}digest": digest, f"{TAG}path": str(path)}
+    with mlflow_errors(f"cannot record model '{name}'"):
+        if name not in params["merges"]:
+            tags.update({f"{TAG}{k}": str(v) for k, v in params["models"][name].items() if k != "path"})
+            return mlflow.create_external_model(name=name, tags=tags).model_id
+    parent_ids = [ensure(p, params) for p in parents(name, params)]
+    spec = params["merges"][name]
+    tags.update({f"{TAG}method": spec["recipe"]["merge_method"], f"{TAG}dvc_stage": f"merge-{name}",
+                 f"{TAG}git_commit": git_commit(), f"{TAG}inputs": ",".join(parents(name, params))})
+    with mlflow_errors(f"cannot record merge '{name}'"), mlflow.start_run(run_name=f"merge-{name}", tags=tags) as run:
+        mlflow.log_params(flatten({"recipe": spec["recipe"], "seed": spec["seed"]}))
+        for parent_id in parent_ids:
+            mlflow.log_input(model=LoggedModelInput(parent_id))
+        model = mlflow.initialize_logged_model(name=name, source_run_id=run.info.run_id, tags=tags)
+        mlflow.finalize_logged_model(model.model_id, "READY")
+        return model.model_id
+
+
+def log_metrics(name: str, model_id: str, metrics: dict, suites: dict) -> None:
+    """One evaluation run per model: each score linked to the model and to its task's data file."""
+    import mlflow
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.data.meta_dataset import MetaDataset
+
+    with mlflow_errors(f"cannot log the metrics of '{name}'"), mlflow.start_run(run_name=f"eval-{name}"):
+        for suite, by_kind in sorted(metrics.items()):
+            for kind, scores in by_kind.items():
+                for task, value in sorted(scores.items()):
+                    data = Path(suites[suite]["tasks"][task]).resolve()
+                    dataset = MetaDataset(resolve_dataset_source(str(data)), name=f"{suite}/{task}",
+                                          digest=file_sha256(data)[:16])
+                    mlflow.log_metric(f"{suite}.{task}.{kind}", value, model_id=model_id, dataset=dataset)
+
+
+def register(name: str, model_id: str, alias: str) -> int:
+    """Register the model under its name with `alias` (kept when that model is already the
+    aliased version); returns the version."""
+    import mlflow
+
+    client = mlflow.MlflowClient()
+    with mlflow_errors(f"cannot register '{name}'"):
+        try:
+            current = client.get_model_version_by_alias(name, alias)
+            if current.source == f"models:/{model_id}":
+                return int(current.version)
+        except Exception:  # no such model or alias yet
+            pass
+        version = mlflow.register_model(f"models:/{model_id}", name).version
+        client.set_registered_model_alias(name, alias, version)
+        return int(version)
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True)
+        return out.stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def flatten(tree, prefix: str = "") -> dict[str, str]:
+    """Nested dicts and lists as MLflow params: {'recipe.models.0.model': 'add', ...}."""
+    if isinstance(tree, dict):
+        items = tree.items()
+    elif isinstance(tree, list):
+        items = enumerate(tree)
+    else:
+        return {prefix: str(tree)}
+    out: dict[str, str] = {}
+    for key, value in items:
+        out.update(flatten(value, f"{prefix}.{key}" if prefix else str(key)))
+    return out
