@@ -29,6 +29,7 @@ from .graph import Graph, render_dvc_yaml
 from .hub import resolve_revision
 from .metrics import HIGHER_IS_BETTER
 from .schema import register
+from .sweep import expand as expand_sweeps
 
 ROOT = Path(__file__).resolve().parents[1]
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
@@ -72,7 +73,8 @@ def _describe(exc: Exception, conf_dir: Path) -> str:
 def check(cfg: DictConfig, conf_dir: Path) -> Graph:
     """Everything that can be wrong before a byte is fetched: sources, recipes, names, cycles."""
     models = OmegaConf.to_container(cfg.models, resolve=True)
-    merges = OmegaConf.to_container(cfg.merges, resolve=True)
+    merges, sweeps = recipes(cfg, conf_dir)
+    origin = {variant: name for name, sweep in sweeps.items() for variant in sweep["recipes"]}
     clash = sorted(set(models) & set(merges))
     if clash:
         raise ConfigError(f"'{clash[0]}' is both conf/models/{clash[0]}.yaml and conf/merges/{clash[0]}.yaml; "
@@ -87,7 +89,7 @@ def check(cfg: DictConfig, conf_dir: Path) -> Graph:
             raise ConfigError(f"{where}: key 'source': 'local' or 'hub', got {m['source']!r}")
     inputs = {}
     for name, body in merges.items():
-        where = str(conf_dir / "merges" / f"{name}.yaml")
+        where = str(conf_dir / "merges" / f"{origin.get(name, name)}.yaml")
         recipe = parse_recipe(_mergekit_body(body), where)
         unknown = [r for r in recipe.model_refs() if r not in models and r not in merges]
         if unknown:
@@ -96,12 +98,17 @@ def check(cfg: DictConfig, conf_dir: Path) -> Graph:
         inputs[name] = recipe.model_refs()
     graph = Graph(models, inputs)
     graph.check_acyclic(conf_dir)
-    build = list(cfg.build) if cfg.build is not None else None
+    build = None if cfg.build is None else [v for name in cfg.build for v in sweeps.get(name, {}).get("recipes", [name])]
     for name in build or []:
         if name not in merges:
             raise ConfigError(f"{conf_dir / 'config.yaml'}: key 'build': no recipe conf/merges/{name}.yaml")
     check_evaluation(cfg, conf_dir, set(models) | set(merges))
     return graph.select(build)
+
+
+def recipes(cfg: DictConfig, conf_dir: Path) -> tuple[dict[str, dict], dict[str, dict]]:
+    """Every recipe body by name, sweeps expanded into their variants; and the sweeps."""
+    return expand_sweeps(OmegaConf.to_container(cfg.merges, resolve=True), conf_dir)
 
 
 def check_evaluation(cfg: DictConfig, conf_dir: Path, known: set[str]) -> None:
@@ -122,7 +129,7 @@ def check_evaluation(cfg: DictConfig, conf_dir: Path, known: set[str]) -> None:
                           "(the model card and the gates read their metrics)")
     for name, target in cfg.publish.items():
         where = conf_dir / "publish" / f"{name}.yaml"
-        if target.model not in cfg.merges:
+        if target.model not in known - set(cfg.models):
             raise ConfigError(f"{where}: key 'model': no recipe conf/merges/{target.model}.yaml (only merges are published)")
         if target.repo_id.count("/") != 1:
             raise ConfigError(f"{where}: key 'repo_id': 'org/name', got {target.repo_id!r}")
@@ -135,10 +142,10 @@ def check_evaluation(cfg: DictConfig, conf_dir: Path, known: set[str]) -> None:
 
 def _mergekit_body(body: dict) -> dict:
     """The recipe as mergekit reads it: without our own keys and unset options."""
-    return {k: v for k, v in body.items() if v is not None and k not in ("seed", "description")}
+    return {k: v for k, v in body.items() if v is not None and k not in ("seed", "sweep", "description")}
 
 
-def resolved_params(cfg: DictConfig, graph: Graph, pin: bool = True) -> dict:
+def resolved_params(cfg: DictConfig, graph: Graph, conf_dir: Path, pin: bool = True) -> dict:
     """params.yaml: per model its source (pinned to the commit it resolves to); per merge its recipe;
     the evaluation suites; the publish targets whose model is built."""
     artifacts = cfg.paths.artifacts
@@ -148,9 +155,10 @@ def resolved_params(cfg: DictConfig, graph: Graph, pin: bool = True) -> dict:
         if m["source"] == "hub" and pin:
             m["sha"] = resolve_revision(m["repo_id"], m["revision"])
         models[name] = m
+    bodies, sweeps = recipes(cfg, conf_dir)
     merges = {}
     for name in graph.merges:
-        body = OmegaConf.to_container(cfg.merges[name], resolve=True)
+        body = bodies[name]
         merges[name] = {
             "recipe": _mergekit_body(body),
             "seed": body["seed"],
@@ -159,7 +167,8 @@ def resolved_params(cfg: DictConfig, graph: Graph, pin: bool = True) -> dict:
     suites = {name: _without_description(body) for name, body in OmegaConf.to_container(cfg.suites).items()}
     publish = {name: _without_description(body) for name, body in OmegaConf.to_container(cfg.publish).items()
                if body["model"] in graph.merges}
-    return {"artifacts": artifacts, "models": models, "merges": merges, "publish": publish,
+    sweeps = {name: sweep for name, sweep in sweeps.items() if set(sweep["recipes"]) <= set(graph.merges)}
+    return {"artifacts": artifacts, "models": models, "merges": merges, "publish": publish, "sweeps": sweeps,
             "evaluate": {"baseline": cfg.evaluate.baseline, "suites": suites}}
 
 
@@ -185,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = compose(conf_dir, args.overrides)
         graph = check(cfg, conf_dir)
-        params = resolved_params(cfg, graph, pin=not args.check)
+        params = resolved_params(cfg, graph, conf_dir, pin=not args.check)
         dvc_yaml = GENERATED + render_dvc_yaml(graph, params, cfg, conf_dir, args.root)
         if args.check:
             current = (args.root / "dvc.yaml").read_text() if (args.root / "dvc.yaml").is_file() else ""

@@ -19,6 +19,7 @@ FETCH_CODE = ["stages/fetch.py", "stages/hub.py", "stages/preflight.py"]
 MERGE_CODE = ["stages/merge.py", "mergekit_ops", "stages/tracking.py", "stages/digest.py", "stages/built.py"]
 EVAL_CODE = ["stages/evaluate.py", "stages/evaluation.py", "stages/metrics.py", "stages/tracking.py",
              "stages/digest.py", "stages/built.py"]
+SWEEP_CODE = ["stages/sweep.py", "stages/metrics.py"]
 REPORT_CODE = ["stages/report.py", "stages/metrics.py", "stages/built.py"]
 PUBLISH_CODE = ["stages/publish.py", "stages/card.py", "stages/hub_push.py", "stages/lineage.py", "stages/tracking.py",
                 "stages/digest.py", "stages/built.py", "stages/report.py", "stages/metrics.py"]
@@ -85,8 +86,8 @@ class Graph:
 
 def render_dvc_yaml(graph: Graph, params: dict, cfg: DictConfig, conf_dir: Path, root: Path) -> str:
     """dvc.yaml for this graph: compose, the demo, one fetch per hub model, one merge per recipe;
-    with suites in conf/eval, one evaluation per model and merge and one report per merge; one
-    publish per target; and the reports' bar plots."""
+    with suites in conf/eval, one evaluation per model and merge, one report per merge and one curve
+    per sweep; one publish per target; and the reports' plots."""
     artifacts = cfg.paths.artifacts
     stages: dict[str, dict] = {"compose": {
         "cmd": "python -m stages.compose",
@@ -119,7 +120,8 @@ def render_dvc_yaml(graph: Graph, params: dict, cfg: DictConfig, conf_dir: Path,
                 "metrics": [{f"{artifacts}/eval/{name}.json": {"cache": False}}],
             }
         for name in graph.merges:
-            compared = [name] + graph.inputs[name] + [b for b in [base_of(name, params)] if b not in graph.inputs[name]]
+            base = base_of(name, params)
+            compared = [name] + graph.inputs[name] + ([base] if base and base not in graph.inputs[name] else [])
             report = f"{artifacts}/reports/{name}"
             stages[f"report-{name}"] = {
                 "cmd": f"python -m stages.report {name}",
@@ -131,6 +133,19 @@ def render_dvc_yaml(graph: Graph, params: dict, cfg: DictConfig, conf_dir: Path,
             }
             plots.append({f"{report}/scores.json": {"title": f"{name}: merge vs parents and base", "template":
                           "bar_horizontal", "x": "score", "y": "label"}})
+        tasks = [f"{suite}/{task}" for suite, body in sorted(params["evaluate"]["suites"].items())
+                 for task in sorted(body["tasks"])]
+        for name, sweep in params["sweeps"].items():
+            curve = f"{artifacts}/reports/{name}/sweep.json"
+            stages[f"sweep-{name}"] = {
+                "cmd": f"python -m stages.sweep {name}",
+                "deps": SWEEP_CODE + [f"{artifacts}/eval/{m}.json" for m in sweep["recipes"]],
+                "params": [f"sweeps.{name}"],
+                "outs": [{f"{artifacts}/reports/{name}/sweep.md": {"cache": False}}],
+                "plots": [{curve: {"cache": False}}],
+            }
+            plots.append({curve: {"title": f"{name}: score against {sweep['key']}", "template": "linear",
+                                  "x": "value", "y": tasks}})
     for target, spec in params["publish"].items():
         model = spec["model"]
         stages[f"publish-{target}"] = {

@@ -25,6 +25,14 @@ class ModelSource:
 
 
 @dataclass
+class Sweep:
+    """Build a recipe once per value of one of its keys; NAME-1, NAME-2... are the recipes built."""
+
+    key: str = MISSING  # a dotted path into the recipe, e.g. parameters.lambda or models.0.parameters.weight
+    values: List[Any] = MISSING
+
+
+@dataclass
 class MergeRecipe:
     """conf/merges/NAME.yaml: a mergekit recipe whose models are names of conf/models files or of
     other recipes (a merge of merges)."""
@@ -40,6 +48,7 @@ class MergeRecipe:
     tokenizer: Optional[Dict[str, Any]] = None
     chat_template: Optional[str] = None
     seed: int = 0  # draws of the random methods (dare_*, della*)
+    sweep: Optional[Sweep] = None  # build the recipe once per value of one key (stages/sweep.py)
     description: str = ""
 
 

@@ -31,14 +31,26 @@ def repro(project: Path, env: dict | None = None, check: bool = True) -> tuple[s
     return set(RAN.findall(proc.stdout + proc.stderr)), proc
 
 
-def new_project(path: Path, models: dict[str, Path | dict], merges: dict[str, dict], env: dict | None = None) -> Path:
+def new_project(path: Path, models: dict[str, Path | dict], merges: dict[str, dict], env: dict | None = None,
+                conf: dict[str, dict] | None = None, files: dict[str, str] | None = None,
+                mlflow_db: Path | None = None) -> Path:
     """A git + DVC project with this repo's code and a conf/ of the given models (local directory
-    paths, or source dicts) and recipes; dvc.yaml composed and committed."""
+    paths, or source dicts) and recipes, more conf files ({"eval/lm": body}), data files
+    ({"data/x.txt": text}) and a copy of a migrated MLflow DB; dvc.yaml composed and committed."""
     path.mkdir(parents=True)
+    for rel, body in (conf or {}).items():
+        (path / "conf" / rel).parent.mkdir(parents=True, exist_ok=True)
+        (path / "conf" / f"{rel}.yaml").write_text(yaml.safe_dump(body, sort_keys=False))
+    for rel, text in (files or {}).items():
+        (path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (path / rel).write_text(text)
+    if mlflow_db:
+        shutil.copyfile(mlflow_db, path / "mlflow.db")
     for code in ("stages", "mergekit_ops"):
         shutil.copytree(ROOT / code, path / code, ignore=shutil.ignore_patterns("__pycache__"))
     (path / "conf" / "models").mkdir(parents=True)
     (path / "conf" / "merges").mkdir()
+    (path / ".gitignore").write_text("/mlflow.db\n/mlruns/\n/mlartifacts/\n/.mergeforge/\n/artifacts/publish/*/repo/\n")
     (path / "conf" / "config.yaml").write_text(
         "defaults:\n  - mergeforge_schema\n  - _self_\npaths:\n  artifacts: artifacts\ndemo:\n  enabled: false\n")
     for name, src in models.items():

@@ -12,14 +12,15 @@ from mergekit_ops.errors import RecipeError
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _conf(tmp_path, models=None, merges=None, config=None):
+def _conf(tmp_path, models=None, merges=None, config=None, evals=None, publish=None):
     conf = tmp_path / "conf"
-    (conf / "models").mkdir(parents=True)
-    (conf / "merges").mkdir()
+    for group in ("models", "merges", "eval", "publish"):
+        (conf / group).mkdir(parents=True)
     base = {"defaults": ["mergeforge_schema", "_self_"], "demo": {"enabled": False}}
     (conf / "config.yaml").write_text(yaml.safe_dump({**base, **(config or {})}, sort_keys=False))
-    for group, items in (("models", models or {}), ("merges", merges or {})):
-        for name, body in items.items():
+    groups = (("models", models), ("merges", merges), ("eval", evals), ("publish", publish))
+    for group, items in groups:
+        for name, body in (items or {}).items():
             (conf / group / f"{name}.yaml").write_text(body if isinstance(body, str) else yaml.safe_dump(body))
     return conf
 
@@ -41,7 +42,7 @@ def test_composes_models_and_merges_into_a_typed_config(tmp_path):
     assert cfg.models.a.revision == "main" and cfg.merges.soup.seed == 0
     graph = compose.check(cfg, conf)
     assert graph.merges == ["soup", "again"]  # dependency order
-    params = compose.resolved_params(cfg, graph)
+    params = compose.resolved_params(cfg, graph, conf)
     assert params["merges"]["again"]["inputs"] == {"soup": "artifacts/merges/soup", "a": "x/a"}  # local: in place
     assert "seed" not in params["merges"]["soup"]["recipe"]
 
@@ -92,7 +93,56 @@ def test_interpolations_resolve_and_a_broken_one_names_its_file(tmp_path, capsys
     conf = _conf(tmp_path, MODELS, {"soup": {**_soup("a", "b"), "seed": "${merges.other.seed}"},
                                     "other": {**_soup("a"), "seed": 7}})
     cfg = compose.compose(conf)
-    assert compose.resolved_params(cfg, compose.check(cfg, conf))["merges"]["soup"]["seed"] == 7
+    assert compose.resolved_params(cfg, compose.check(cfg, conf), conf)["merges"]["soup"]["seed"] == 7
     conf = _conf(tmp_path / "2", MODELS, {"soup": {**_soup("a"), "description": "${nowhere}"}})
     assert compose.main(["--root", str(tmp_path / "2")]) == 2
     assert "conf/merges/soup.yaml: key 'description'" in capsys.readouterr().err
+
+
+QA = {"qa": {"kind": "exact_match", "tasks": {"x": "d/x.jsonl", "y": "d/y.jsonl"}}}
+
+
+def _ta(**extra):
+    return {"merge_method": "task_arithmetic", "base_model": "a", "parameters": {"lambda": 1.0},
+            "models": [{"model": "b", "parameters": {"weight": 1.0}}], **extra}
+
+
+def test_sweep_builds_one_recipe_per_value_and_a_curve_stage(tmp_path):
+    conf = _conf(tmp_path, MODELS, {"ta": _ta(sweep={"key": "parameters.lambda", "values": [0.5, 1.5]}),
+                                    "w": _ta(sweep={"key": "models.0.parameters.weight", "values": [2.0]}),
+                                    "mix": _soup("ta-2", "a")}, evals=QA)
+    cfg = compose.compose(conf)
+    graph = compose.check(cfg, conf)
+    assert set(graph.merges) == {"mix", "ta-1", "ta-2", "w-1"}
+    assert graph.merges.index("ta-2") < graph.merges.index("mix")  # a variant is a recipe like any other
+    params = compose.resolved_params(cfg, graph, conf)
+    assert [params["merges"][f"ta-{i}"]["recipe"]["parameters"]["lambda"] for i in (1, 2)] == [0.5, 1.5]
+    assert params["merges"]["w-1"]["recipe"]["models"][0]["parameters"]["weight"] == 2.0
+    assert "sweep" not in params["merges"]["ta-1"]["recipe"]
+    assert params["sweeps"]["ta"] == {"key": "parameters.lambda", "values": [0.5, 1.5], "recipes": ["ta-1", "ta-2"]}
+    dvc = yaml.safe_load(compose.render_dvc_yaml(graph, params, cfg, conf, tmp_path))
+    assert "artifacts/eval/ta-2.json" in dvc["stages"]["sweep-ta"]["deps"]
+    curve = [p for p in dvc["plots"] if "artifacts/reports/ta/sweep.json" in p][0]
+    assert curve["artifacts/reports/ta/sweep.json"]["y"] == ["qa/x", "qa/y"]
+
+
+@pytest.mark.parametrize("merges, config, evals, publish, pattern", [
+    ({"ta": _ta(sweep={"key": "parameters.nope.deeper", "values": [1]})}, None, None, None,
+     r"conf/merges/ta\.yaml: key 'sweep.key': the recipe has no 'parameters.nope'"),
+    ({"ta": _ta(sweep={"key": "models.3.parameters.weight", "values": [1]})}, None, None, None,
+     r"'models.3' is not an item of a 1-item list"),
+    ({"ta": _ta(sweep={"key": "parameters.lambda", "values": [1]}), "ta-1": _soup("a")}, None, None, None,
+     r"sweep variant 'ta-1' clashes with conf/merges/ta-1\.yaml"),
+    ({}, {"evaluate": {"baseline": "zz"}}, QA, None, r"key 'evaluate.baseline': no model or recipe 'zz'"),
+    ({}, None, {"qa": {"kind": "bleu", "tasks": {"x": "d"}}}, None, r"conf/eval/qa\.yaml: key 'kind': one of"),
+    ({"soup": _soup("a")}, None, None, {"p": {"model": "soup", "repo_id": "me/x"}}, r"publishing needs evaluation suites"),
+    ({"soup": _soup("a")}, None, QA, {"p": {"model": "a", "repo_id": "me/x"}}, r"conf/publish/p\.yaml: key 'model'"),
+    ({"soup": _soup("a")}, None, QA, {"p": {"model": "soup", "repo_id": "x"}}, r"conf/publish/p\.yaml: key 'repo_id'"),
+    ({"soup": _soup("a")}, None, QA, {"p": {"model": "soup", "repo_id": "me/x", "gates": {"min_score": {"qa/z": 1}}}},
+     r"conf/publish/p\.yaml: key 'gates.min_score.qa/z': no such task"),
+    ({"soup": _soup("a")}, None, QA, {"p": {"model": "soup", "repo_id": "me/x", "gates": {"min_scor": {}}}},
+     r"conf/publish/p\.yaml: key 'gates.min_scor'"),
+])
+def test_evaluation_sweep_and_publish_errors_name_file_and_key(tmp_path, merges, config, evals, publish, pattern):
+    with pytest.raises(ConfigError, match=pattern):
+        _check(_conf(tmp_path, MODELS, merges, config, evals, publish))

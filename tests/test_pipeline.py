@@ -29,7 +29,7 @@ def _recipes():
 
 
 @pytest.fixture(scope="module")
-def built(tmp_path_factory):
+def built(tmp_path_factory, mlflow_template):
     """A project with a base, two fine-tunes and three recipes (one a merge of merges), built once."""
     root = tmp_path_factory.mktemp("pipeline")
     seed = int.from_bytes(os.urandom(4), "little")
@@ -38,7 +38,7 @@ def built(tmp_path_factory):
     models = {"base": write_model(root / "src" / "base", base)}
     for i in range(2):
         models[f"m{i}"] = write_model(root / "src" / f"m{i}", finetune(base, seed + i + 1))
-    project = new_project(root / "project", models, _recipes())
+    project = new_project(root / "project", models, _recipes(), mlflow_db=mlflow_template)
     ran, _ = repro(project)
     return project, ran
 
@@ -126,7 +126,7 @@ def test_exp_run_with_a_conf_override(project):
         torch.testing.assert_close(t, (3 * m0[name] + m1[name]) / 4)
 
 
-def test_hub_model_from_offline_cache_moved_branch_and_no_token_written(tmp_path, seed):
+def test_hub_model_from_offline_cache_moved_branch_and_no_token_written(tmp_path, seed, mlflow_template):
     cache = tmp_path / "hf"
     base = llama_state(seed=seed)
     src = {"base": write_model(tmp_path / "src" / "base", base),
@@ -137,7 +137,7 @@ def test_hub_model_from_offline_cache_moved_branch_and_no_token_written(tmp_path
     env = {"HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(cache), "HF_TOKEN": token}
     project = new_project(tmp_path / "project", {"base": src["base"], "tuned": {"source": "hub", "repo_id": "org/tuned"}},
                           {"ta": {"merge_method": "task_arithmetic", "base_model": "base",
-                                  "models": [{"model": "tuned", "parameters": {"weight": 1.0}}]}}, env)
+                                  "models": [{"model": "tuned", "parameters": {"weight": 1.0}}]}}, env, mlflow_db=mlflow_template)
     ran, _ = repro(project, env)
     assert ran == {"compose", "fetch-tuned", "merge-ta"}
     fetched = project / "artifacts/models/tuned/model.safetensors"
@@ -156,7 +156,7 @@ def test_hub_model_from_offline_cache_moved_branch_and_no_token_written(tmp_path
     assert written and not [f for f in written if token.encode() in f.read_bytes()]
 
 
-def test_hub_repo_with_only_pickle_weights_is_refused(tmp_path, seed):
+def test_hub_repo_with_only_pickle_weights_is_refused(tmp_path, seed, mlflow_template):
     cache = tmp_path / "hf"
     pickled = tmp_path / "pickled"
     pickled.mkdir()
@@ -167,13 +167,14 @@ def test_hub_repo_with_only_pickle_weights_is_refused(tmp_path, seed):
     env = {"HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(cache)}
     project = new_project(tmp_path / "project", {"base": base, "old": {"source": "hub", "repo_id": "org/old"}},
                           {"soup": {"merge_method": "linear", "models": [{"model": "base", "parameters": {"weight": 1}},
-                                                                         {"model": "old", "parameters": {"weight": 1}}]}}, env)
+                                                                         {"model": "old", "parameters": {"weight": 1}}]}},
+                          env, mlflow_db=mlflow_template)
     _, proc = repro(project, env, check=False)
     assert proc.returncode != 0 and "only pickle weights (pytorch_model.bin)" in proc.stderr + proc.stdout
     assert not (project / "artifacts/models/old").exists()
 
 
-def test_incompatible_hub_model_fails_before_its_weights_are_fetched(tmp_path, seed):
+def test_incompatible_hub_model_fails_before_its_weights_are_fetched(tmp_path, seed, mlflow_template):
     cache = tmp_path / "hf"
     base = write_model(tmp_path / "base", llama_state(seed=seed))
     wide = write_model(tmp_path / "wide", llama_state(seed=seed, inter=14))
@@ -181,7 +182,8 @@ def test_incompatible_hub_model_fails_before_its_weights_are_fetched(tmp_path, s
     env = {"HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(cache)}
     project = new_project(tmp_path / "project", {"base": base, "wide": {"source": "hub", "repo_id": "org/wide"}},
                           {"soup": {"merge_method": "linear", "models": [{"model": "base", "parameters": {"weight": 1}},
-                                                                         {"model": "wide", "parameters": {"weight": 1}}]}}, env)
+                                                                         {"model": "wide", "parameters": {"weight": 1}}]}},
+                          env, mlflow_db=mlflow_template)
     _, proc = repro(project, env, check=False)
     out = proc.stderr + proc.stdout
     assert proc.returncode != 0 and "merge 'soup'" in out and "mlp.down_proj.weight" in out and "[8, 14]" in out

@@ -75,3 +75,19 @@ def test_base_of_recipe_then_shared_parent_base_then_baseline(tmp_path):
     assert base_of("mix", params) == "base"  # both parents were built on 'base'
     assert base_of("soup", params) == "c"
     assert base_of("odd", params) == "c"  # its parents' bases differ ('base', and 'c' for the soup)
+
+
+def test_sweep_curve_has_one_row_per_value_with_every_task(tmp_path, seed):
+    from stages.sweep import curve
+
+    rng = random.Random(seed)
+    values = sorted(rng.random() for _ in range(3))
+    params = _params(tmp_path, {}) | {"sweeps": {"ta": {"key": "parameters.lambda", "values": values,
+                                                        "recipes": ["ta-1", "ta-2", "ta-3"]}}}
+    s = _write_metrics(tmp_path, rng, ["ta-1", "ta-2", "ta-3"])
+    rows = json.loads(curve("ta", params).read_text())["sweep"]
+    assert [r["value"] for r in rows] == values
+    for row, name in zip(rows, ("ta-1", "ta-2", "ta-3")):
+        assert row == {"value": row["value"], "recipe": name, "skills/x": s[name]["skills"]["exact_match"]["x"],
+                       "skills/y": s[name]["skills"]["exact_match"]["y"], "text/z": s[name]["text"]["perplexity"]["z"]}
+    assert "| parameters.lambda | recipe | skills/x |" in (tmp_path / "reports/ta/sweep.md").read_text()
