@@ -98,3 +98,30 @@ def test_pickle_only_model_is_not_loaded(tmp_path, seed):
     torch.save({}, path / "pytorch_model.bin")
     with pytest.raises(EvalError, match="cannot load the model"):
         load(path)
+
+
+def test_lm_eval_task_from_local_files_matches_choice_loglikelihoods(tmp_path, lm, seed, monkeypatch):
+    pytest.importorskip("lm_eval")
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "datasets"))
+    model, tok = lm
+    rng = random.Random(seed)
+    rows = [{"prompt": _docs(rng, 1, 2, 5)[0], "choices": _docs(rng, 3, 1, 2), "label": rng.randrange(3)}
+            for _ in range(12)]
+    (tmp_path / "mc.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    task = tmp_path / "tiny_mc.yaml"
+    task.write_text(f"task: tiny_mc\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {tmp_path / 'mc.jsonl'}\n"
+                    "test_split: test\noutput_type: multiple_choice\ndoc_to_text: '{{prompt}}'\n"
+                    "doc_to_choice: '{{choices}}'\ndoc_to_target: '{{label}}'\nmetric_list:\n  - metric: acc\n")
+
+    @torch.no_grad()
+    def loglikelihood(context, choice):  # lm-eval's convention: no BOS, " " between context and choice
+        ctx, cont = tok(context, add_special_tokens=False)["input_ids"], tok(" " + choice, add_special_tokens=False)["input_ids"]
+        logp = torch.log_softmax(model(torch.tensor([ctx + cont])).logits[0].double(), -1)
+        return sum(logp[len(ctx) - 1 + i, t].item() for i, t in enumerate(cont))
+
+    expected = sum(max(range(3), key=lambda i: loglikelihood(r["prompt"], r["choices"][i])) == r["label"]
+                   for r in rows) / len(rows)
+    suite = {"kind": "lm_eval", "tasks": {"mc": str(task)}, "metric": "acc,none", "batch_size": 4}
+    assert run_suite("mc", suite, model, tok) == {"mc": pytest.approx(expected)}
+    with pytest.raises(EvalError, match="reported no metric 'f1,none'"):
+        run_suite("mc", suite | {"metric": "f1,none"}, model, tok)
