@@ -1,14 +1,17 @@
 """The offline demo's source models: a tiny character-level Llama base and experts fine-tuned
-from it, each on one checkable skill, trained here in about two minutes on two CPU cores.
+from it, each on one checkable skill, trained here in about two minutes on one CPU thread.
 
 Skills (prompt -> answer, greedy decoding, exact match):
   add  "add:7+5="          -> "12"    one-digit addition
   rev  "rev:kqzm="         -> "mzqk"  reverse 3-5 letters
-  get  "get:a4,k7,m2?k="   -> "7"     look a key up among 3-4 pairs
-The base learns the prompt format on generic tasks (copy, successor) mixed with a little of each
-skill, so it is weak at all three; each expert starts from the base and is fine-tuned (small
-learning rate) on one skill only. Deterministic: fixed seeds, one thread, deterministic kernels;
-output files carry no timestamps.
+  get  "get:kqzm="         -> "z"     get the latest in the alphabet of 4-6 letters
+The base is pre-trained on generic tasks (copy, successor) mixed with a little of each skill (a
+few samples in a thousand to a few in a hundred), long enough to know the prompt format and to get
+add and rev about 2/3 right, get about 1/3: headroom for experts that stay near it. Each expert
+starts from the base and is fine-tuned briefly (200 steps) on its skill with replay of the base's
+mix (one sample in four is its skill), so it gains its skill without moving far from the base:
+three task vectors that a merge can add up. Deterministic: fixed seeds, one thread, deterministic
+kernels; output files carry no timestamps.
 
     python -m stages.demo OUT_DIR     (writes OUT_DIR/{base,add,rev,get} and OUT_DIR/eval/*.jsonl)
 """
@@ -29,7 +32,7 @@ CHARS = string.digits + string.ascii_lowercase + "+=:;?,>. "
 VOCAB = [PAD, BOS, EOS] + list(CHARS)
 SHAPE = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
              num_key_value_heads=4, max_position_embeddings=48)
-BASE_STEPS, BASE_LR, EXPERT_STEPS, EXPERT_LR, BATCH, SEED = 800, 3e-3, 400, 2e-4, 64, 1234
+BASE_STEPS, BASE_LR, EXPERT_STEPS, EXPERT_LR, BATCH, SEED = 1500, 3e-3, 200, 1e-3, 64, 1234
 EVAL_SIZE = 200
 
 
@@ -48,10 +51,8 @@ def task_rev(rng):
 
 
 def task_get(rng):
-    keys = rng.sample(string.ascii_lowercase, rng.randint(3, 4))
-    pairs = {k: str(rng.randint(0, 9)) for k in keys}
-    k = rng.choice(keys)
-    return "get:" + ",".join(f"{key}{v}" for key, v in pairs.items()) + f"?{k}=", pairs[k]
+    s = _letters(rng, 4, 6)
+    return f"get:{s}=", max(s)
 
 
 def task_copy(rng):
@@ -65,7 +66,10 @@ def task_next(rng):
 
 
 SKILLS = {"add": task_add, "rev": task_rev, "get": task_get}
-BASE_MIX = [task_copy, task_next] * 6 + list(SKILLS.values())  # one sample in seven is a skill
+# Pre-training mix, per thousand samples: 20 add, 35 rev, 2 get (learned from far less), the rest
+# generic. Rates chosen so the base is partly right on every skill, leaving each expert room.
+BASE_MIX = [task_add] * 20 + [task_rev] * 35 + [task_get] * 2 + [task_copy, task_next] * 471
+EXPERT_SHARE = 333  # an expert's mix: 333 copies of its skill + BASE_MIX (999): one in four is the skill
 
 
 def encode(text: str) -> list[int]:
@@ -120,12 +124,20 @@ def eval_cases(skill: str) -> list[tuple[str, str]]:
     return [SKILLS[skill](rng) for _ in range(EVAL_SIZE)]
 
 
+def _starts_with(token: str) -> dict:
+    """A post-processor that begins every encoded text with `token`, as the models were trained."""
+    mark = {"SpecialToken": {"id": token, "type_id": 0}}
+    text = [{"Sequence": {"id": "A", "type_id": 0}}, {"Sequence": {"id": "B", "type_id": 0}}]
+    return {"type": "TemplateProcessing", "single": [mark, text[0]], "pair": [mark] + text,
+            "special_tokens": {token: {"id": token, "ids": [VOCAB.index(token)], "tokens": [token]}}}
+
+
 def tokenizer_files() -> dict[str, dict]:
     """A character tokenizer as a fast-tokenizer tokenizer.json (BPE with no merges)."""
     specials = [{"id": i, "content": t, "single_word": False, "lstrip": False, "rstrip": False,
                  "normalized": False, "special": True} for i, t in enumerate(VOCAB[:3])]
     tokenizer = {"version": "1.0", "truncation": None, "padding": None, "added_tokens": specials,
-                 "normalizer": None, "pre_tokenizer": None, "post_processor": None, "decoder": {"type": "Fuse"},
+                 "normalizer": None, "pre_tokenizer": None, "post_processor": _starts_with(BOS), "decoder": {"type": "Fuse"},
                  "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
                            "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False,
                            "ignore_merges": False, "vocab": {t: i for i, t in enumerate(VOCAB)}, "merges": []}}
@@ -168,7 +180,7 @@ def main(out_dir: str) -> None:
     report = {"base": {s: accuracy(model, eval_cases(s)[:50]) for s in SKILLS}}
     for i, skill in enumerate(SKILLS):
         model.load_state_dict(base_state)
-        train(model, [SKILLS[skill]], EXPERT_STEPS, EXPERT_LR, SEED + 1 + i)
+        train(model, [SKILLS[skill]] * EXPERT_SHARE + BASE_MIX, EXPERT_STEPS, EXPERT_LR, SEED + 1 + i)
         save(model, root / skill)
         report[skill] = {s: accuracy(model, eval_cases(s)[:50]) for s in SKILLS}
     evals = root / "eval"

@@ -10,17 +10,20 @@ differences are taken from is shown as the base. Writes artifacts/reports/NAME/:
   scores.json     one row per (task, model) for the bar plots   (DVC plots)
 
     python -m stages.report NAME
+    python -m stages.report --all     (prints every model's scores as one markdown table)
 """
 from __future__ import annotations
 
 import sys
 from pathlib import Path
 
+import yaml
+
 from .built import base_of, parents
 from .cli import in_section, run_stage
 from .atomic import write_json, write_text
 from .errors import EvalError
-from .metrics import HIGHER_IS_BETTER, load_metrics
+from .metrics import HIGHER_IS_BETTER, load_metrics, metrics_path
 
 
 def compare(name: str, params: dict) -> dict:
@@ -81,8 +84,36 @@ def write(name: str, params: dict) -> Path:
     return out
 
 
+def leaderboard(params: dict) -> str:
+    """Every evaluated model and merge on every task, with each suite's mean where higher is better."""
+    names = [n for n in list(params["models"]) + list(params["merges"]) if metrics_path(n, params).is_file()]
+    if not names:
+        raise EvalError("no metrics yet: `dvc repro` evaluates every model and merge")
+    metrics = {n: load_metrics(n, params) for n in names}
+    columns = sorted({(suite, kind, task) for m in metrics.values() for suite, by_kind in m.items()
+                      for kind, scores in by_kind.items() for task in scores})
+    means = sorted({(suite, kind) for suite, kind, _ in columns if HIGHER_IS_BETTER[kind]})
+    head = ["model"] + [f"{s}/{t}" for s, _, t in columns] + [f"{s} mean" for s, _ in means]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for n in names:
+        got = metrics[n]
+        cells = [_fmt(got.get(s, {}).get(k, {}).get(t)) for s, k, t in columns]
+        cells += [_fmt(sum(v) / len(v)) if (v := list(got.get(s, {}).get(k, {}).values())) else "n/a" for s, k in means]
+        lines.append(f"| {n} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
-    return run_stage(argv, "stages.report", "recipe", in_section("merges"),
+    args = sys.argv[1:] if argv is None else argv
+    if args == ["--all"]:
+        params = yaml.safe_load(Path("params.yaml").read_text())
+        try:
+            print(leaderboard(params))
+        except EvalError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        return 0
+    return run_stage(args, "stages.report", "recipe", in_section("merges"),
                      lambda name, params: f"compared {name} with its parents: {write(name, params)}", (EvalError,))
 
 

@@ -91,3 +91,15 @@ def test_sweep_curve_has_one_row_per_value_with_every_task(tmp_path, seed):
         assert row == {"value": row["value"], "recipe": name, "skills/x": s[name]["skills"]["exact_match"]["x"],
                        "skills/y": s[name]["skills"]["exact_match"]["y"], "text/z": s[name]["text"]["perplexity"]["z"]}
     assert "| parameters.lambda | recipe | skills/x |" in (tmp_path / "reports/ta/sweep.md").read_text()
+
+
+def test_leaderboard_lists_every_evaluated_model_with_suite_means(tmp_path, seed):
+    from stages.report import leaderboard
+
+    params = _params(tmp_path, {"m": _merge(["a", "b"])})
+    s = _write_metrics(tmp_path, random.Random(seed), ["a", "m"])  # b and c are not evaluated yet
+    lines = leaderboard(params).splitlines()
+    assert lines[0] == "| model | skills/x | skills/y | text/z | skills mean |"
+    assert [line.split(" | ")[0] for line in lines[2:]] == ["| a", "| m"]
+    x, y = (s["m"]["skills"]["exact_match"][t] for t in ("x", "y"))
+    assert lines[3].endswith(f" | {(x + y) / 2:.4g} |")
