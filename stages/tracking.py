@@ -55,7 +55,10 @@ def connect(root: Path | None = None) -> str:
     logging.getLogger("mlflow").setLevel(logging.WARNING)  # migrations and registry chatter
     warnings.filterwarnings("ignore", module="mlflow")
     root = (root or Path.cwd()).resolve()
+    user_choice = os.environ.get("MLFLOW_TRACKING_URI")
     mlflow.set_tracking_uri(tracking_uri(root))
+    if user_choice is None:  # MLflow exports the URI for subprocesses: a DVC run would inherit this project's
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
     with mlflow_errors("cannot open the experiment"):
         experiment = mlflow.get_experiment_by_name(EXPERIMENT)
         experiment_id = (experiment.experiment_id if experiment else

@@ -1,6 +1,7 @@
 """MLflow lineage in a real sqlite store: a merge of merges reads back down to its sources (a hub
 model with its commit, local models), records are found again by content digest, a fresh store is
 filled from params.yaml, and an unreachable store fails a merge without leaving an output."""
+import os
 import shutil
 from pathlib import Path
 
@@ -97,3 +98,10 @@ def test_a_record_that_fails_after_the_merge_removes_the_output(params, monkeypa
     with pytest.raises(LineageError):
         build("ab", params)
     assert not Path("artifacts/merges/ab").exists()
+
+
+def test_connect_leaves_the_environment_as_it_found_it(tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    tracking.connect(tmp_path)
+    assert "MLFLOW_TRACKING_URI" not in os.environ  # subprocesses (other projects) pick their own
+    assert mlflow.get_tracking_uri() == f"sqlite:///{tmp_path.resolve() / 'mlflow.db'}"
