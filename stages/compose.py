@@ -98,7 +98,8 @@ def check(cfg: DictConfig, conf_dir: Path) -> Graph:
         inputs[name] = recipe.model_refs()
     graph = Graph(models, inputs)
     graph.check_acyclic(conf_dir)
-    build = None if cfg.build is None else [v for name in cfg.build for v in sweeps.get(name, {}).get("recipes", [name])]
+    build = None if cfg.build is None else [
+        variant for name in cfg.build for variant in sweeps.get(name, {}).get("recipes", [name])]  # a sweep: all
     for name in build or []:
         if name not in merges:
             raise ConfigError(f"{conf_dir / 'config.yaml'}: key 'build': no recipe conf/merges/{name}.yaml")
@@ -130,7 +131,8 @@ def check_evaluation(cfg: DictConfig, conf_dir: Path, known: set[str]) -> None:
     for name, target in cfg.publish.items():
         where = conf_dir / "publish" / f"{name}.yaml"
         if target.model not in known - set(cfg.models):
-            raise ConfigError(f"{where}: key 'model': no recipe conf/merges/{target.model}.yaml (only merges are published)")
+            raise ConfigError(f"{where}: key 'model': no recipe conf/merges/{target.model}.yaml "
+                              "(only merges are published)")
         if target.repo_id.count("/") != 1:
             raise ConfigError(f"{where}: key 'repo_id': 'org/name', got {target.repo_id!r}")
         for gate, limits in target.gates.items():
@@ -168,8 +170,9 @@ def resolved_params(cfg: DictConfig, graph: Graph, conf_dir: Path, pin: bool = T
     publish = {name: _without_description(body) for name, body in OmegaConf.to_container(cfg.publish).items()
                if body["model"] in graph.merges}
     sweeps = {name: sweep for name, sweep in sweeps.items() if set(sweep["recipes"]) <= set(graph.merges)}
+    baseline = cfg.evaluate.baseline  # compared with only when built (`build:` may leave it out)
     return {"artifacts": artifacts, "models": models, "merges": merges, "publish": publish, "sweeps": sweeps,
-            "evaluate": {"baseline": cfg.evaluate.baseline, "suites": suites}}
+            "evaluate": {"baseline": baseline if baseline in graph.models + graph.merges else None, "suites": suites}}
 
 
 def _without_description(body: dict) -> dict:

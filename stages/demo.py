@@ -137,7 +137,8 @@ def tokenizer_files() -> dict[str, dict]:
     specials = [{"id": i, "content": t, "single_word": False, "lstrip": False, "rstrip": False,
                  "normalized": False, "special": True} for i, t in enumerate(VOCAB[:3])]
     tokenizer = {"version": "1.0", "truncation": None, "padding": None, "added_tokens": specials,
-                 "normalizer": None, "pre_tokenizer": None, "post_processor": _starts_with(BOS), "decoder": {"type": "Fuse"},
+                 "normalizer": None, "pre_tokenizer": None, "post_processor": _starts_with(BOS),
+                 "decoder": {"type": "Fuse"},
                  "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
                            "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False,
                            "ignore_merges": False, "vocab": {t: i for i, t in enumerate(VOCAB)}, "merges": []}}

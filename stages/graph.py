@@ -111,7 +111,8 @@ def render_dvc_yaml(graph: Graph, params: dict, cfg: DictConfig, conf_dir: Path,
         }
     plots = []
     if params["evaluate"]["suites"]:
-        data = sorted({_dep_path(path, root) for s in params["evaluate"]["suites"].values() for path in s["tasks"].values()})
+        data = sorted({_dep_path(path, root) for suite in params["evaluate"]["suites"].values()
+                       for path in suite["tasks"].values()})
         for name in graph.models + graph.merges:
             stages[f"eval-{name}"] = {
                 "cmd": f"python -m stages.evaluate {name}",

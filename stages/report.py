@@ -58,7 +58,8 @@ def markdown(name: str, comparison: dict) -> str:
     lines = [f"# {name}: merge vs parents and base", "", "| " + " | ".join(head) + " |",
              "|" + "---|" * len(head)]
     for t in comparison["tasks"]:
-        cells = [f"{t['suite']}/{t['task']}", t["kind"]] + [_fmt(t["scores"][m]) for _, m in roles] + [_fmt(t["retention"])]
+        cells = ([f"{t['suite']}/{t['task']}", t["kind"]] + [_fmt(t["scores"][m]) for _, m in roles]
+                 + [_fmt(t["retention"])])
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "Retention: the merge's score / the best parent's (perplexity: the best parent's / the merge's)."]
     return "\n".join(lines) + "\n"

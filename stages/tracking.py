@@ -43,7 +43,8 @@ def mlflow_errors(what: str):
     except Exception as exc:  # MLflow, SQLAlchemy and HTTP clients raise unrelated types
         first = str(exc).splitlines()[0] if str(exc) else ""
         uri = shown_uri(tracking_uri())
-        raise LineageError(f"MLflow at {uri}: {what}: {type(exc).__name__}: {first.replace(tracking_uri(), uri)}") from None
+        first = first.replace(tracking_uri(), uri)
+        raise LineageError(f"MLflow at {uri}: {what}: {type(exc).__name__}: {first}") from None
 
 
 def connect(root: Path | None = None) -> str:

@@ -137,7 +137,8 @@ def test_hub_model_from_offline_cache_moved_branch_and_no_token_written(tmp_path
     env = {"HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(cache), "HF_TOKEN": token}
     project = new_project(tmp_path / "project", {"base": src["base"], "tuned": {"source": "hub", "repo_id": "org/tuned"}},
                           {"ta": {"merge_method": "task_arithmetic", "base_model": "base",
-                                  "models": [{"model": "tuned", "parameters": {"weight": 1.0}}]}}, env, mlflow_db=mlflow_template)
+                                  "models": [{"model": "tuned", "parameters": {"weight": 1.0}}]}},
+                          env, mlflow_db=mlflow_template)
     ran, _ = repro(project, env)
     assert ran == {"compose", "fetch-tuned", "merge-ta"}
     fetched = project / "artifacts/models/tuned/model.safetensors"
