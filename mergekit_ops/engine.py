@@ -10,9 +10,9 @@ import gc
 import os
 import shutil
 from collections import deque
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Executor, ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
@@ -21,7 +21,7 @@ import torch
 from .checkpoint import Checkpoint
 from .errors import MergeError
 from .files import write_side_files
-from .methods.base import CHUNK, TensorJob
+from .methods.base import CHUNK, TensorJob, scratch
 from .plan import MergePlan, TensorTask, build_plan
 from .recipe import Recipe, load_recipes
 from .safetensors_io import ShardWriter, plan_shards, read_tensor, tensor_nbytes
@@ -41,6 +41,7 @@ class MergeOptions:
     compute_dtype: torch.dtype = torch.float32
     read_ahead_bytes: int = 256 * 2**20
     progress: Callable[[int, int, int], None] | None = None  # (tensors done, total, bytes written)
+    pool: Executor | None = None  # set by execute: the merge's worker threads
 
 
 def merge_file(recipe_path: str | Path, out_dir: str | Path, options: MergeOptions | None = None,
@@ -105,8 +106,8 @@ def execute(plan: MergePlan, out_dir: Path, options: MergeOptions) -> Path:
                     plan.recipe.source)
             finally:
                 reader.close()
-        with _gc_paused():
-            _run(plan, writer, device, options, extras)
+        with _gc_paused(), _workers() as pool:
+            _run(plan, writer, device, replace(options, pool=pool), extras)
         writer.close()
         _replace_dir(tmp, out_dir)
     except BaseException:
@@ -116,6 +117,21 @@ def execute(plan: MergePlan, out_dir: Path, options: MergeOptions) -> Path:
             shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out_dir
+
+
+@contextmanager
+def _workers():
+    """A pool of one thread per core for chunk and per-input work, with torch at one thread per op
+    meanwhile. Torch's own two-thread ops wait at a barrier for both cores: when another process
+    takes one, every op stalls for its time slice (a merge took 3x longer); pool threads just take
+    the next chunk. Results never depend on the thread count (see TensorJob.map_chunks)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # threads created from now on start with one thread per op
+    try:
+        with ThreadPoolExecutor(max(1, min(4, os.cpu_count() or 1)), thread_name_prefix="mergekit-work") as pool:
+            yield pool
+    finally:
+        torch.set_num_threads(threads)
 
 
 @contextmanager
@@ -181,7 +197,7 @@ def _task_bytes(plan: MergePlan, task: TensorTask) -> int:
 def _run(plan: MergePlan, writer: ShardWriter, device: torch.device, options: MergeOptions,
          extras: dict[str, dict]) -> None:
     """Three overlapped steps: a thread reads ahead (within a byte budget), this thread merges,
-    a thread writes (at most two finished tensors wait for it)."""
+    a thread writes (at most two finished tensors wait for it); a fourth unmaps used inputs."""
     reader = _Reader(plan.checkpoints)
     pending: deque = deque()
     writes: deque = deque()
@@ -190,7 +206,8 @@ def _run(plan: MergePlan, writer: ShardWriter, device: torch.device, options: Me
     nxt = 0
     try:
         with ThreadPoolExecutor(1, thread_name_prefix="mergekit-read") as reads, \
-                ThreadPoolExecutor(1, thread_name_prefix="mergekit-write") as write_pool:
+                ThreadPoolExecutor(1, thread_name_prefix="mergekit-write") as write_pool, \
+                ThreadPoolExecutor(1, thread_name_prefix="mergekit-free") as frees:
             for done, task in enumerate(tasks):
                 in_flight = sum(b for _, b in pending)
                 while nxt < len(tasks) and (nxt == done or in_flight < options.read_ahead_bytes):
@@ -199,9 +216,11 @@ def _run(plan: MergePlan, writer: ShardWriter, device: torch.device, options: Me
                     in_flight += b
                     nxt += 1
                 future, _ = pending.popleft()
-                inputs, base = future.result()
-                out = merge_task(plan, task, inputs, base, device, options, extras.get(task.name, {}))
-                del inputs, base
+                loaded = [future.result()]
+                del future
+                out = merge_task(plan, task, *loaded[0], device, options, extras.get(task.name, {}))
+                frees.submit(loaded.clear)  # unmapping the inputs (page-table work) off the merge thread
+                del loaded
                 while len(writes) >= 2:
                     writes.popleft().result()
                 writes.append(write_pool.submit(writer.write, task.name, out))
@@ -222,7 +241,7 @@ def _job(plan: MergePlan, task: TensorTask, inputs: list[torch.Tensor], base: to
         inputs, base = _align_vocab(plan, task, inputs, base)
     return TensorJob(name=task.name, tensors=inputs, base=base, model_params=task.model_params,
                      params=task.params, seed=options.seed, extra=extra or {}, compute_dtype=options.compute_dtype,
-                     load_dtype=plan.load_dtype, out_dtype=task.out_dtype)
+                     load_dtype=plan.load_dtype, out_dtype=task.out_dtype, pool=options.pool)
 
 
 def _align_vocab(plan: MergePlan, task: TensorTask, inputs: list[torch.Tensor],
@@ -246,7 +265,7 @@ def merge_task(plan: MergePlan, task: TensorTask, inputs: list[torch.Tensor], ba
                                  f"'{plan.checkpoints[task.inputs[0][0]].ref}' and '{plan.checkpoints[idx].ref}'")
         return first
     out = plan.recipe.method.merge(_job(plan, task, inputs, base, device, options, extra)).to(dtype=task.out_dtype)
-    if not all_finite(out):
+    if not all_finite(out, options.pool):
         raise MergeError(f"tensor '{task.name}': the merge produced NaN or Inf "
                          f"(method {plan.recipe.method.name}, parameters {task.params}, per model {task.model_params})")
     return out.to(device="cpu")
@@ -256,17 +275,16 @@ EXPONENT_BITS = {torch.bfloat16: (torch.int16, 0x7F80), torch.float16: (torch.in
                  torch.float32: (torch.int32, 0x7F800000), torch.float64: (torch.int64, 0x7FF0000000000000)}
 
 
-def all_finite(t: torch.Tensor) -> bool:
+def all_finite(t: torch.Tensor, pool: Executor | None = None) -> bool:
     """No NaN or Inf: no entry has an all-ones exponent (an integer pass, ~7x faster than isfinite
-    on bf16), chunk by chunk into one scratch buffer that stays in cache."""
+    on bf16), chunk by chunk (on the pool if given) into scratch buffers that stay in cache."""
     if t.dtype not in EXPONENT_BITS or t.numel() == 0:
         return bool(torch.isfinite(t).all())
     view, mask = EXPONENT_BITS[t.dtype]
     flat = t.reshape(-1).view(view)
-    scratch = torch.empty(min(CHUNK, flat.numel()), dtype=view, device=t.device)
-    for start in range(0, flat.numel(), CHUNK):
+
+    def clean(start: int) -> bool:
         part = flat[start:start + CHUNK]
-        bits = torch.bitwise_and(part, mask, out=scratch[:part.numel()])
-        if int(bits.max()) == mask:
-            return False
-    return True
+        return int(torch.bitwise_and(part, mask, out=scratch(1, view, t.device)[0][:part.numel()]).max()) != mask
+    starts = range(0, flat.numel(), CHUNK)
+    return all(pool.map(clean, starts) if pool is not None else map(clean, starts))

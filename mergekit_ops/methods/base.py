@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import hashlib
+import threading
+from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
@@ -56,6 +58,18 @@ def in_range(lo: float, hi: float, lo_open: bool = False) -> Callable[[Any], str
 
 
 CHUNK = 1 << 20  # elements per streamed chunk: fits in cache. A constant: random draws are made per chunk
+_SCRATCH = threading.local()  # per thread: chunk-sized buffers reused by map_chunks
+
+
+def scratch(n: int, dtype: torch.dtype, device: torch.device) -> list[torch.Tensor]:
+    """n chunk-sized buffers private to this thread (fresh buffers would page-fault every chunk)."""
+    pool = getattr(_SCRATCH, "buffers", None)
+    if pool is None:
+        pool = _SCRATCH.buffers = {}
+    bufs = pool.setdefault((dtype, device), [])
+    while len(bufs) < n:
+        bufs.append(torch.empty(CHUNK, dtype=dtype, device=device))
+    return bufs[:n]
 
 
 @dataclass
@@ -77,6 +91,7 @@ class TensorJob:
     compute_dtype: torch.dtype = torch.float32
     load_dtype: torch.dtype | None = None  # the recipe's dtype: inputs are rounded to it first
     out_dtype: torch.dtype = torch.float32  # streaming methods write their output in this dtype
+    pool: Executor | None = None  # runs map_chunks' and per-input work side by side; None: in order here
 
     @property
     def shape(self) -> torch.Size:
@@ -109,6 +124,23 @@ class TensorJob:
             sl = slice(start, min(start + CHUNK, self.numel))
             views = [self._fill(buf[:sl.stop - sl.start], x[sl]) for buf, x in zip(buffers, sources)]
             yield (sl, views, None) if self.base is None else (sl, views[:-1], views[-1])
+
+    def map(self, fn: Callable, items) -> list:
+        """fn over items on the pool (or in order here); results in item order."""
+        return list(self.pool.map(fn, items) if self.pool is not None else map(fn, items))
+
+    def map_chunks(self, fn: Callable[[slice, list[torch.Tensor], torch.Tensor | None], Any]) -> list:
+        """fn(flat slice, inputs, base) for every chunk, as chunks() yields them, but on the pool:
+        fn must not depend on the order (write its own slice of the output, return partial sums).
+        Returns fn's results in chunk order, so sums of them do not depend on the schedule."""
+        sources = [x.reshape(-1) for x in self.tensors] + ([self.base.reshape(-1)] if self.base is not None else [])
+
+        def run(start: int):
+            sl = slice(start, min(start + CHUNK, self.numel))
+            bufs = scratch(len(sources), self.compute_dtype, sources[0].device)
+            views = [self._fill(buf[:sl.stop - sl.start], x[sl]) for buf, x in zip(bufs, sources)]
+            return fn(sl, views, None) if self.base is None else fn(sl, views[:-1], views[-1])
+        return self.map(run, range(0, self.numel, CHUNK))
 
     def stored_chunks(self) -> Iterator[tuple[slice, list[torch.Tensor]]]:
         """(flat slice, inputs) per chunk in their stored dtype (rounded to the recipe dtype if it

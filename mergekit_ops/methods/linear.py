@@ -3,19 +3,20 @@ from __future__ import annotations
 
 import torch
 
-from .base import CHUNK, Method, Param, TensorJob
+from .base import Method, Param, TensorJob, scratch
 
 
 def merge_linear(job: TensorJob) -> torch.Tensor:
     weights = [p["weight"] for p in job.model_params]
     scale = 1.0 / sum(weights) if job.params["normalize"] else 1.0
     out = job.empty_output()
-    scratch = torch.empty(min(CHUNK, job.numel), dtype=job.compute_dtype, device=out.device)
-    for sl, xs in job.stored_chunks():
-        acc = scratch[:sl.stop - sl.start].copy_(xs[0]).mul_(weights[0] * scale)
+
+    def merge_chunk(sl, xs):
+        acc = scratch(1, job.compute_dtype, out.device)[0][:sl.stop - sl.start].copy_(xs[0]).mul_(weights[0] * scale)
         for w, x in zip(weights[1:], xs[1:]):
             acc.add_(x, alpha=w * scale)  # mixed dtypes: converted inside the kernel, no copy pass
         out[sl] = acc
+    job.map(lambda c: merge_chunk(*c), job.stored_chunks())
     return out.view(job.shape)
 
 

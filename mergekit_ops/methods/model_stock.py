@@ -26,20 +26,26 @@ def merge_model_stock(job: TensorJob) -> torch.Tensor:
                            for i, j in pairs]).mean(0)
         t = stock_ratio(n, cos).reshape(*base.shape[:-1], 1) if base.dim() else stock_ratio(n, cos).reshape(())
         return t * torch.stack(xs).mean(0) + (1 - t) * base
-    dots = torch.zeros(n, n, dtype=torch.float64)
-    for _, xs, base in job.chunks():
+    upper = list(itertools.combinations_with_replacement(range(n), 2))
+
+    def chunk_dots(sl, xs, base):
         offsets = [x.sub_(base) for x in xs]
-        for i, j in itertools.combinations_with_replacement(range(n), 2):
-            dots[i, j] += float(torch.dot(offsets[i], offsets[j]))
+        return [float(torch.dot(offsets[i], offsets[j])) for i, j in upper]
+    dots = torch.zeros(n, n, dtype=torch.float64)
+    for part in job.map_chunks(chunk_dots):  # in chunk order, as one pass would add them
+        for (i, j), v in zip(upper, part):
+            dots[i, j] += v
     norms = dots.diagonal().sqrt()
     cos = torch.stack([_cos(dots[i, j], norms[i] * norms[j]) for i, j in pairs]).mean()
     t = float(stock_ratio(n, cos))
     out = job.empty_output()
-    for sl, xs, base in job.chunks():
-        mean = xs[0].clone()
+
+    def merge_chunk(sl, xs, base):
+        mean = xs[0]  # a scratch buffer: free to modify
         for x in xs[1:]:
             mean += x
-        out[sl] = torch.add(base * (1 - t), mean, alpha=t / n)
+        out[sl] = torch.add(base.mul_(1 - t), mean, alpha=t / n)
+    job.map_chunks(merge_chunk)
     return out.view(job.shape)
 
 

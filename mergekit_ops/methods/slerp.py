@@ -28,15 +28,17 @@ def slerp_coefficients(t: float, sq0: float, sq1: float, dot: float) -> tuple[fl
 
 def merge_slerp(job: TensorJob) -> torch.Tensor:
     """Two streamed passes: norms and dot product (float64 sums), then the interpolation."""
+    sums = job.map_chunks(lambda sl, xs, base: (float(torch.dot(base, base)), float(torch.dot(xs[0], xs[0])),
+                                                float(torch.dot(base, xs[0]))))
     sq0 = sq1 = dot = 0.0
-    for _, (x,), base in job.chunks():
-        sq0 += float(torch.dot(base, base))
-        sq1 += float(torch.dot(x, x))
-        dot += float(torch.dot(base, x))
+    for a, b, c in sums:  # in chunk order, as one pass would add them
+        sq0, sq1, dot = sq0 + a, sq1 + b, dot + c
     c0, c1 = slerp_coefficients(job.params["t"], sq0, sq1, dot)
     out = job.empty_output()
-    for sl, (x,), base in job.chunks():
-        out[sl] = torch.add(base * c0, x, alpha=c1)
+
+    def merge_chunk(sl, xs, base):
+        out[sl] = torch.add(base * c0, xs[0], alpha=c1)
+    job.map_chunks(merge_chunk)
     return out.view(job.shape)
 
 

@@ -11,8 +11,6 @@ paper) instead of matching the L1 norm (mergekit; `true` means l1, `false` none)
 """
 from __future__ import annotations
 
-import os
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from typing import Callable
 
@@ -28,25 +26,29 @@ COMMON = (Param("lambda", 1.0, float), Param("int8_mask", False, bool))
 WEIGHT = Param("weight", kind=float)
 ONE = torch.tensor(1.0)
 DENSITY = Param("density", 1.0, float, check=in_range(0.0, 1.0, lo_open=True))
-# Each input's sparsifier passes (histograms, norms) are independent and mostly serial kernels
-# (bincount, sort): run them side by side. Every input keeps its own generator, so results do not
-# depend on the schedule.
-_PASSES = ThreadPoolExecutor(max(1, min(4, os.cpu_count() or 1)), thread_name_prefix="mergekit-sparsify")
 
 
 def generalized_merge(job: TensorJob, sparsifier: Callable | None, consensus: bool) -> torch.Tensor:
-    """Streams the tensor in chunks: sparsifiers make their passes first, then one pass merges."""
+    """Streams the tensor in chunks: sparsifiers make their passes first (one input per pool
+    thread; each input keeps its own generator), then one pass merges, chunks side by side unless
+    a sparsifier must see them in order."""
     if not job.tensors:
         return job.convert(job.base)
     mode = job.params["rescale"]
     weights = [p["weight"] for p in job.model_params]
-    sparse = (list(_PASSES.map(lambda ip: sparsifier(job, *ip, mode), enumerate(job.model_params)))
+    sparse = (job.map(lambda ip: sparsifier(job, *ip, mode), list(enumerate(job.model_params)))
               if sparsifier else [Sparsifier() for _ in job.model_params])
     normalize, lam = job.params["normalize"], job.params["lambda"]
     total_weight = sum(weights) if abs(sum(weights)) >= 1e-8 else 1.0
     out = job.empty_output()
-    for sl, xs, base in job.chunks():
-        deltas = [s.apply(sl, x.sub_(base)).mul_(w) for s, x, w in zip(sparse, xs, weights)]
+
+    ordered = any(s.ordered for s in sparse)
+
+    def merge_chunk(sl, xs, base):
+        def delta(i):
+            return sparse[i].apply(sl, xs[i].sub_(base)).mul_(weights[i])
+        # chunks in order: the inputs of each chunk side by side instead (never nested in the pool)
+        deltas = job.map(delta, range(len(xs))) if ordered else [delta(i) for i in range(len(xs))]
         if consensus:
             # the elected sign; a zero sum counts as + (a -0.0 sum means every delta is zero, so none agrees)
             sign = torch.copysign(ONE.to(base.device), sum(deltas))
@@ -68,6 +70,12 @@ def generalized_merge(job: TensorJob, sparsifier: Callable | None, consensus: bo
         if normalize:
             mix /= divisor
         out[sl] = base.add_(mix, alpha=lam)
+
+    if ordered:
+        for sl, xs, base in job.chunks():
+            merge_chunk(sl, xs, base)
+    else:
+        job.map_chunks(merge_chunk)
     return out.view(job.shape)
 
 
