@@ -30,9 +30,11 @@ def cut_histogram(counts: torch.Tensor, k: int) -> tuple[int, int]:
     return b, k - (int(above[b + 1]) if b + 1 < counts.numel() else 0)
 
 
-def thresholds(bits_chunks: Callable[[], Iterable[torch.Tensor]], ks: list[int]) -> list[tuple[int, int]]:
-    """(threshold bits, ties to keep) of the k-th largest entry for each k in (0, numel), from one
-    pass per histogram level shared by every k."""
+def thresholds(bits_chunks: Callable[[], Iterable[torch.Tensor]], ks: list[int]) -> list[tuple[int, int, dict[int, int]]]:
+    """(threshold bits, ties to keep, {flat offset of each chunk and of the end: threshold-equal
+    entries before it}) of the k-th largest entry for each k in (0, numel), from one pass per
+    histogram level shared by every k. The counts let every chunk find its share of the ties on
+    its own, in any order."""
     hist = None
     for bits in bits_chunks():
         h = torch.bincount(bits >> 16, minlength=HI_BINS)
@@ -40,46 +42,55 @@ def thresholds(bits_chunks: Callable[[], Iterable[torch.Tensor]], ks: list[int])
     cuts = [cut_histogram(hist, k) for k in ks]
     buckets = sorted({hi for hi, _ in cuts})
     lo_hists = {hi: torch.zeros(LO_BINS, dtype=torch.int64, device=hist.device) for hi in buckets}
+    parts: dict[int, list[torch.Tensor]] = {hi: [] for hi in buckets}
+    ends = []
     for bits in bits_chunks():
+        ends.append((ends[-1] if ends else 0) + bits.numel())
         high = bits >> 16
         for hi in buckets:
-            lo_hists[hi] += torch.bincount(bits[high == hi] & 0xFFFF, minlength=LO_BINS)
+            low = bits[high == hi] & 0xFFFF
+            h = torch.bincount(low, minlength=LO_BINS)
+            lo_hists[hi] += h
+            parts[hi].append(low if low.numel() < LO_BINS else h.to(torch.int32))  # the smaller record
     out = []
     for hi, need in cuts:
         lo, ties = cut_histogram(lo_hists[hi], need)
-        out.append(((hi << 16) | lo, ties))
+        before, count = {0: 0}, 0
+        for end, part in zip(ends, parts[hi]):
+            count += int(part[lo]) if part.numel() == LO_BINS else int((part == lo).sum())
+            before[end] = count
+        out.append(((hi << 16) | lo, ties, before))
     return out
 
 
 class TopK:
-    """Keeps exactly the k largest magnitudes of a chunked tensor; `mask` is called in chunk order."""
+    """Keeps exactly the k largest magnitudes of a chunked tensor; `mask` takes the chunks in any order."""
 
-    def __init__(self, k: int, numel: int, threshold: tuple[int, int] = (-1, 0)):
+    def __init__(self, k: int, numel: int, threshold: tuple[int, int, dict[int, int]] = (-1, 0, {})):
         self.k, self.numel = k, numel
-        self.threshold, self.ties = threshold
+        self.threshold, self.ties, self.before = threshold
 
     @classmethod
     def select(cls, bits_chunks: Callable[[], Iterable[torch.Tensor]], ks: list[int], numel: int) -> list["TopK"]:
         """One TopK per k, sharing the histogram passes."""
         inner = [k for k in ks if 0 < k < numel]
         found = dict(zip(inner, thresholds(bits_chunks, inner))) if inner else {}
-        return [cls(k, numel, found.get(k, (-1, 0))) for k in ks]
+        return [cls(k, numel, found.get(k, (-1, 0, {}))) for k in ks]
 
-    def mask(self, bits: torch.Tensor) -> torch.Tensor:
-        """Mask of the next chunk (bits of its magnitudes)."""
+    def mask(self, start: int, bits: torch.Tensor) -> torch.Tensor:
+        """Mask of the chunk at flat offset `start` (one `bits_chunks` yielded) from the bits of its magnitudes."""
         if self.k <= 0:
             return torch.zeros_like(bits, dtype=torch.bool)
         if self.k >= self.numel:
             return torch.ones_like(bits, dtype=torch.bool)
         keep = bits > self.threshold
-        if self.ties:
+        budget = self.ties - self.before[start]  # ties left to this chunk: lowest indices first
+        if budget > 0:
             equal = bits == self.threshold
-            positions = equal.nonzero().squeeze(1)
-            if positions.numel() <= self.ties:
+            if budget >= self.before[start + bits.numel()] - self.before[start]:
                 keep |= equal
             else:
-                keep[positions[:self.ties]] = True
-            self.ties -= min(positions.numel(), self.ties)
+                keep[equal.nonzero().squeeze(1)[:budget]] = True
         return keep
 
 
@@ -87,4 +98,4 @@ def top_k_mask(magnitude: torch.Tensor, k: int) -> torch.Tensor:
     """Boolean mask (same shape) of the k largest entries of a tensor; ties by lowest index."""
     bits = magnitude_bits(magnitude)
     [top] = TopK.select(lambda: [bits], [k], bits.numel())
-    return top.mask(bits).view(magnitude.shape)
+    return top.mask(0, bits).view(magnitude.shape)

@@ -38,5 +38,17 @@ def test_streamed_chunks_select_the_same_set_as_the_whole_tensor(seed):
     k = int(torch.randint(1, 10_000, ()))
     chunks = list(x.split(999))
     [top] = TopK.select(lambda: (magnitude_bits(c) for c in chunks), [k], x.numel())
-    streamed = torch.cat([top.mask(magnitude_bits(c)) for c in chunks])
+    starts = range(0, x.numel(), 999)
+    masks = {s: top.mask(s, magnitude_bits(c)) for s, c in reversed(list(zip(starts, chunks)))}  # any order
+    streamed = torch.cat([masks[s] for s in starts])
     assert torch.equal(streamed, _reference_topk(x.abs(), k))
+
+
+def test_chunks_with_many_ties_count_them_from_a_histogram(seed):
+    x = torch.randint(0, 2, (400_000,)).float()  # ~75,000 tied entries per chunk: more than LO_BINS
+    chunks = list(x.split(150_000))
+    for k in (1, 100_000, 300_000):
+        [top] = TopK.select(lambda: (magnitude_bits(c) for c in chunks), [k], x.numel())
+        starts = range(0, x.numel(), 150_000)
+        masks = {s: top.mask(s, magnitude_bits(c)) for s, c in reversed(list(zip(starts, chunks)))}
+        assert torch.equal(torch.cat([masks[s] for s in starts]), _reference_topk(x, k)), k

@@ -1,15 +1,13 @@
 """Sparsifiers for task vectors: which entries of a delta survive, and how survivors are rescaled.
 
 Each sparsifier is built for one (tensor, input): its constructor makes the passes it needs over
-the delta (thresholds, norms), then `apply` is called once per chunk, in order.
+the delta (thresholds, norms), then `apply` is called once per chunk, in any order unless `ordered`.
 
 Rescale modes: 'l1' scales the survivors so the tensor keeps its L1 norm (mergekit's behaviour;
 skipped when either norm is below 1e-7); 'inverse_density' divides by density (the DARE paper);
 'none' leaves them.
 """
 from __future__ import annotations
-
-import copy
 
 import torch
 
@@ -52,22 +50,18 @@ class Sparsifier:
 class Magnitude(Sparsifier):
     """Keep the k = max(1, floor(density * numel)) largest magnitudes (ties by lowest index)."""
 
-    ordered = True  # ties at the threshold go to the lowest indices
-
     def __init__(self, job: TensorJob, i: int, density: float, mode: str, k: int | None = None):
         k = max(1, int(density * job.numel)) if k is None else k
         [self.top] = TopK.select(lambda: (magnitude_bits(d) for _, d in job.delta_chunks(i)), [k], job.numel)
-        self._set_scale(job, i, mode, density, copy.deepcopy(self))
+        self._set_scale(job, i, mode, density, self)
 
     def keep(self, sl, delta):
-        return masked(delta, self.top.mask(magnitude_bits(delta)))
+        return masked(delta, self.top.mask(sl.start, magnitude_bits(delta)))
 
 
 class Window(Sparsifier):
     """Breadcrumbs: drop the floor(gamma * n) largest (fewer if density + gamma > 1) and the smallest;
     keep floor(density * n)."""
-
-    ordered = True
 
     def __init__(self, job: TensorJob, i: int, density: float, gamma: float, mode: str):
         n = job.numel
@@ -75,11 +69,11 @@ class Window(Sparsifier):
         top = min(top, n - keep)
         bits = lambda: (magnitude_bits(d) for _, d in job.delta_chunks(i))  # noqa: E731
         self.upto, self.skip = TopK.select(bits, [top + keep, top], n)
-        self._set_scale(job, i, mode, density, copy.deepcopy(self))
+        self._set_scale(job, i, mode, density, self)
 
     def keep(self, sl, delta):
         bits = magnitude_bits(delta)
-        return masked(delta, self.upto.mask(bits) & ~self.skip.mask(bits))
+        return masked(delta, self.upto.mask(sl.start, bits) & ~self.skip.mask(sl.start, bits))
 
 
 class Bernoulli(Sparsifier):
