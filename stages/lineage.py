@@ -35,7 +35,9 @@ def record_of(name: str, params: dict | None):
     return model
 
 
-def describe(model) -> str:
+def describe(model, with_id: bool = True) -> str:
+    """One line: name, how it was made, digest; and MLflow's model id (random per store, so a model
+    card leaves it out to stay the same on every machine)."""
     tags = model.tags
     digest = tags.get(f"{TAG}digest", "?")[:19]
     if f"{TAG}method" in tags:
@@ -44,7 +46,7 @@ def describe(model) -> str:
         what = f"hub {tags.get(f'{TAG}repo_id')} @ {tags.get(f'{TAG}sha', '?')}"
     else:
         what = f"local {tags.get(f'{TAG}path')}"
-    return f"{model.name}  {what}  {digest}  [{model.model_id}]"
+    return f"{model.name}  {what}  {digest}" + (f"  [{model.model_id}]" if with_id else "")
 
 
 def parents_of(model) -> list:
@@ -60,12 +62,13 @@ def parents_of(model) -> list:
     return sorted(found, key=lambda m: order.index(m.name) if m.name in order else len(order))
 
 
-def tree(model, prefix: str = "", last: bool = True, root: bool = True) -> list[str]:
-    lines = [describe(model) if root else prefix + ("└── " if last else "├── ") + describe(model)]
+def tree(model, with_id: bool = True, prefix: str = "", last: bool = True, root: bool = True) -> list[str]:
+    line = describe(model, with_id)
+    lines = [line if root else prefix + ("└── " if last else "├── ") + line]
     children = parents_of(model)
     inner = "" if root else prefix + ("    " if last else "│   ")
     for i, child in enumerate(children):
-        lines += tree(child, inner, i == len(children) - 1, root=False)
+        lines += tree(child, with_id, inner, i == len(children) - 1, root=False)
     return lines
 
 

@@ -105,7 +105,7 @@ def _stage(target: str, params: dict, comparison: dict, model_id: str, folder: P
             shutil.copyfile(source / rel, folder / rel)
     digests = {m: directory_digest(artifact_path(m, params)) for m in [name] + parents(name, params)}
     with tracking.mlflow_errors(f"cannot read the record of '{name}'"):
-        lineage = tree(mlflow.get_logged_model(model_id))
+        lineage = tree(mlflow.get_logged_model(model_id), with_id=False)  # the card: the same on every machine
     build_card(target, params, comparison, lineage, digests).save(folder / "README.md")
     return folder
 
