@@ -24,18 +24,23 @@ def file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def artifact_files(directory: Path) -> list[str]:
+    """What an artifact holds: its files' relative paths, sorted, hidden files and folders left out."""
+    directory = Path(directory)
+    return [p.relative_to(directory).as_posix() for p in sorted(directory.rglob("*"))
+            if p.is_file() and not any(part.startswith(".") for part in p.relative_to(directory).parts)]
+
+
 def directory_digest(directory: Path, cache_file: Path = CACHE) -> str:
-    """'sha256:<hex>' of every file under directory (hidden files and folders excluded)."""
+    """'sha256:<hex>' of every file of the artifact (see artifact_files)."""
     directory = Path(directory)
     if not directory.is_dir():
         raise FileNotFoundError(f"{directory}: no such model directory")
     cache = _load(cache_file)
     changed = False
     lines = []
-    for path in sorted(p for p in directory.rglob("*") if p.is_file()):
-        rel = path.relative_to(directory)
-        if any(part.startswith(".") for part in rel.parts):
-            continue
+    for rel in artifact_files(directory):
+        path = directory / rel
         st = path.stat()
         key, stamp = str(path.resolve()), [st.st_size, st.st_mtime_ns, st.st_ino]
         entry = cache.get(key)
@@ -43,7 +48,7 @@ def directory_digest(directory: Path, cache_file: Path = CACHE) -> str:
             entry = stamp + [file_sha256(path)]
             cache[key] = entry
             changed = True
-        lines.append(f"{rel.as_posix()}\0{st.st_size}\0{entry[3]}\n")
+        lines.append(f"{rel}\0{st.st_size}\0{entry[3]}\n")
     if changed:
         _save(cache_file, cache)
     return "sha256:" + hashlib.sha256("".join(lines).encode()).hexdigest()

@@ -14,7 +14,7 @@ import fnmatch
 import hashlib
 from pathlib import Path
 
-from .digest import file_sha256
+from .digest import artifact_files, file_sha256
 from .errors import PublishError
 
 MANAGED_STALE = ["*.safetensors", "*.safetensors.index.json"]  # remote files deleted when no longer staged
@@ -46,7 +46,7 @@ def push(folder: Path, repo_id: str, private: bool, message: str, api=None) -> d
         api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
         remote = {f.path: f for f in api.list_repo_tree(repo_id, recursive=True, repo_type="model")
                   if hasattr(f, "blob_id")}
-        local = {p.relative_to(folder).as_posix(): p for p in sorted(Path(folder).rglob("*")) if p.is_file()}
+        local = {rel: Path(folder) / rel for rel in artifact_files(folder)}
         added = [rel for rel, p in local.items() if rel not in remote or not unchanged(p, remote[rel])]
         deleted = sorted(rel for rel in remote if rel not in local
                          and any(fnmatch.fnmatch(rel, pat) for pat in MANAGED_STALE))

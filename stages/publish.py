@@ -12,17 +12,17 @@ A model that passes is registered in MLflow's model registry with the target's a
 """
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import sys
 from pathlib import Path
 
 from . import hub_push, tracking
+from .atomic import write_json
 from .built import artifact_path, parents
 from .card import build_card
 from .cli import in_section, run_stage
-from .digest import directory_digest, file_sha256
+from .digest import artifact_files, directory_digest, file_sha256
 from .errors import EvalError, LineageError, PublishError
 from .lineage import tree
 from .report import compare
@@ -70,7 +70,7 @@ def publish(target: str, params: dict) -> str:
             receipt["registry"] = {"name": name, "alias": spec["alias"],
                                    "version": tracking.register(name, model_id, spec["alias"])}
             staged = _stage(target, params, comparison, model_id, tmp / "repo")
-            receipt["files"] = {rel: file_sha256(staged / rel) for rel in sorted(_files(staged))}
+            receipt["files"] = {rel: file_sha256(staged / rel) for rel in sorted(artifact_files(staged))}
             message = f"staged {name} for {spec['repo_id']} in {out / 'repo'} (dry run: `push: true` uploads it)"
             if spec["push"]:
                 pushed = hub_push.push(staged, spec["repo_id"], spec["private"], f"mergeforge: {name} ({digest})")
@@ -79,7 +79,7 @@ def publish(target: str, params: dict) -> str:
                 message = (f"pushed {name} to {pushed['url']}" if pushed["commit"]
                            else f"{spec['repo_id']} already holds {name} (commit {pushed['head']}): no new commit")
             _tag(model_id, {f"{tracking.TAG}gates.{target}": "passed"})
-        (tmp / "receipt.json").write_text(json.dumps(receipt, indent=2, sort_keys=True) + "\n")
+        write_json(tmp / "receipt.json", receipt)
         if out.exists():
             shutil.rmtree(out)
         tmp.replace(out)
@@ -95,7 +95,7 @@ def _stage(target: str, params: dict, comparison: dict, model_id: str, folder: P
     name = params["publish"][target]["model"]
     source = artifact_path(name, params)
     folder.mkdir()
-    for rel in _files(source):
+    for rel in artifact_files(source):
         if rel == "README.md":  # the card below replaces it (and must not write through a link into DVC's cache)
             continue
         (folder / rel).parent.mkdir(parents=True, exist_ok=True)
@@ -108,11 +108,6 @@ def _stage(target: str, params: dict, comparison: dict, model_id: str, folder: P
         lineage = tree(mlflow.get_logged_model(model_id), with_id=False)  # the card: the same on every machine
     build_card(target, params, comparison, lineage, digests).save(folder / "README.md")
     return folder
-
-
-def _files(folder: Path) -> list[str]:
-    return [p.relative_to(folder).as_posix() for p in sorted(folder.rglob("*"))
-            if p.is_file() and not any(part.startswith(".") for part in p.relative_to(folder).parts)]
 
 
 def _tag(model_id: str, tags: dict[str, str]) -> None:

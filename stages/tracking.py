@@ -95,10 +95,11 @@ def ensure(name: str, params: dict) -> str:
         if name not in params["merges"]:
             tags.update({f"{TAG}{k}": str(v) for k, v in params["models"][name].items() if k != "path"})
             return mlflow.create_external_model(name=name, tags=tags).model_id
-    parent_ids = [ensure(p, params) for p in parents(name, params)]
+    names = parents(name, params)
+    parent_ids = [ensure(p, params) for p in names]
     spec = params["merges"][name]
     tags.update({f"{TAG}method": spec["recipe"]["merge_method"], f"{TAG}dvc_stage": f"merge-{name}",
-                 f"{TAG}git_commit": git_commit(), f"{TAG}inputs": ",".join(parents(name, params))})
+                 f"{TAG}git_commit": git_commit(), f"{TAG}inputs": ",".join(names)})
     with mlflow_errors(f"cannot record merge '{name}'"), mlflow.start_run(run_name=f"merge-{name}", tags=tags) as run:
         mlflow.log_params(flatten({"recipe": spec["recipe"], "seed": spec["seed"]}))
         for parent_id in parent_ids:

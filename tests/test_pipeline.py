@@ -157,6 +157,16 @@ def test_hub_model_from_offline_cache_moved_branch_and_no_token_written(tmp_path
     assert written and not [f for f in written if token.encode() in f.read_bytes()]
 
 
+def _soup_with_hub_model(tmp_path, seed, mlflow_template, name: str) -> tuple[Path, dict]:
+    """A project whose one recipe averages a local base with hub model org/NAME from the cache tmp_path/hf."""
+    env = {"HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "hf")}
+    base = write_model(tmp_path / "base", llama_state(seed=seed))
+    soup = {"merge_method": "linear", "models": [{"model": m, "parameters": {"weight": 1}} for m in ("base", name)]}
+    project = new_project(tmp_path / "project", {"base": base, name: {"source": "hub", "repo_id": f"org/{name}"}},
+                          {"soup": soup}, env, mlflow_db=mlflow_template)
+    return project, env
+
+
 def test_hub_repo_with_only_pickle_weights_is_refused(tmp_path, seed, mlflow_template):
     cache = tmp_path / "hf"
     pickled = tmp_path / "pickled"
@@ -164,27 +174,16 @@ def test_hub_repo_with_only_pickle_weights_is_refused(tmp_path, seed, mlflow_tem
     (pickled / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"]}))
     torch.save(llama_state(seed=seed), pickled / "pytorch_model.bin")
     hub_cache(cache, "org/old", pickled)
-    base = write_model(tmp_path / "base", llama_state(seed=seed))
-    env = {"HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(cache)}
-    project = new_project(tmp_path / "project", {"base": base, "old": {"source": "hub", "repo_id": "org/old"}},
-                          {"soup": {"merge_method": "linear", "models": [{"model": "base", "parameters": {"weight": 1}},
-                                                                         {"model": "old", "parameters": {"weight": 1}}]}},
-                          env, mlflow_db=mlflow_template)
+    project, env = _soup_with_hub_model(tmp_path, seed, mlflow_template, "old")
     _, proc = repro(project, env, check=False)
     assert proc.returncode != 0 and "only pickle weights (pytorch_model.bin)" in proc.stderr + proc.stdout
     assert not (project / "artifacts/models/old").exists()
 
 
 def test_incompatible_hub_model_fails_before_its_weights_are_fetched(tmp_path, seed, mlflow_template):
-    cache = tmp_path / "hf"
-    base = write_model(tmp_path / "base", llama_state(seed=seed))
     wide = write_model(tmp_path / "wide", llama_state(seed=seed, inter=14))
-    hub_cache(cache, "org/wide", wide)
-    env = {"HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(cache)}
-    project = new_project(tmp_path / "project", {"base": base, "wide": {"source": "hub", "repo_id": "org/wide"}},
-                          {"soup": {"merge_method": "linear", "models": [{"model": "base", "parameters": {"weight": 1}},
-                                                                         {"model": "wide", "parameters": {"weight": 1}}]}},
-                          env, mlflow_db=mlflow_template)
+    hub_cache(tmp_path / "hf", "org/wide", wide)
+    project, env = _soup_with_hub_model(tmp_path, seed, mlflow_template, "wide")
     _, proc = repro(project, env, check=False)
     out = proc.stderr + proc.stdout
     assert proc.returncode != 0 and "merge 'soup'" in out and "mlp.down_proj.weight" in out and "[8, 14]" in out
