@@ -114,9 +114,10 @@ def test_lm_eval_task_from_local_files_matches_choice_loglikelihoods(tmp_path, l
                     "doc_to_choice: '{{choices}}'\ndoc_to_target: '{{label}}'\nmetric_list:\n  - metric: acc\n")
 
     @torch.no_grad()
-    def loglikelihood(context, choice):  # lm-eval's convention: no BOS, " " between context and choice
-        ctx, cont = tok(context, add_special_tokens=False)["input_ids"], tok(" " + choice, add_special_tokens=False)["input_ids"]
-        logp = torch.log_softmax(model(torch.tensor([ctx + cont])).logits[0].double(), -1)
+    def loglikelihood(context, choice):  # lm-eval's convention: the tokenizer's own BOS, " " before the choice
+        whole, ctx = tok(context + " " + choice)["input_ids"], tok(context)["input_ids"]
+        cont = whole[len(ctx):]
+        logp = torch.log_softmax(model(torch.tensor([whole])).logits[0].double(), -1)
         return sum(logp[len(ctx) - 1 + i, t].item() for i, t in enumerate(cont))
 
     expected = sum(max(range(3), key=lambda i: loglikelihood(r["prompt"], r["choices"][i])) == r["label"]
