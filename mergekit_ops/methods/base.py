@@ -61,12 +61,13 @@ CHUNK = 1 << 20  # elements per streamed chunk: fits in cache. A constant: rando
 _SCRATCH = threading.local()  # per thread: chunk-sized buffers reused by map_chunks
 
 
-def scratch(n: int, dtype: torch.dtype, device: torch.device) -> list[torch.Tensor]:
-    """n chunk-sized buffers private to this thread (fresh buffers would page-fault every chunk)."""
+def scratch(n: int, dtype: torch.dtype, device: torch.device, role: str = "chunk") -> list[torch.Tensor]:
+    """n chunk-sized buffers private to this thread (fresh buffers would page-fault every chunk);
+    callers that may run while a chunk's buffers are in use ask for another role."""
     pool = getattr(_SCRATCH, "buffers", None)
     if pool is None:
         pool = _SCRATCH.buffers = {}
-    bufs = pool.setdefault((dtype, device), [])
+    bufs = pool.setdefault((role, dtype, device), [])
     while len(bufs) < n:
         bufs.append(torch.empty(CHUNK, dtype=dtype, device=device))
     return bufs[:n]
@@ -142,14 +143,28 @@ class TensorJob:
             return fn(sl, views, None) if self.base is None else fn(sl, views[:-1], views[-1])
         return self.map(run, range(0, self.numel, CHUNK))
 
-    def stored_chunks(self) -> Iterator[tuple[slice, list[torch.Tensor]]]:
-        """(flat slice, inputs) per chunk in their stored dtype (rounded to the recipe dtype if it
-        differs): for methods whose kernels convert while they compute. Views of the inputs (copies
-        when rounded): read them, never write them."""
-        sources = [x.reshape(-1) for x in self.tensors]
-        for start in range(0, self.numel, CHUNK):
+    def weighted_sum(self, weights: list[float], base_weight: float = 0.0) -> torch.Tensor:
+        """sum_i weights[i] * input_i + base_weight * base, in the output dtype, shaped.
+
+        Per chunk, each input is converted into one reused buffer (it stays in cache) and added:
+        a merge's time is proportional to its passes over memory, and methods linear in their
+        inputs need no more. A zero base_weight leaves the base unread.
+        """
+        out = self.empty_output()
+        terms, coefs = [x.reshape(-1) for x in self.tensors], list(weights)
+        if base_weight != 0 and self.base is not None:
+            terms.append(self.base.reshape(-1))
+            coefs.append(base_weight)
+
+        def merge_chunk(start: int) -> None:
             sl = slice(start, min(start + CHUNK, self.numel))
-            yield sl, [x[sl] if self.load_dtype in (None, x.dtype) else x[sl].to(self.load_dtype) for x in sources]
+            acc, tmp = (buf[:sl.stop - sl.start] for buf in scratch(2, self.compute_dtype, out.device))
+            self._fill(acc, terms[0][sl]).mul_(coefs[0])
+            for c, x in zip(coefs[1:], terms[1:]):
+                acc.add_(self._fill(tmp, x[sl]), alpha=c)
+            out[sl] = acc
+        self.map(merge_chunk, range(0, self.numel, CHUNK))
+        return out.view(self.shape)
 
     def delta_chunks(self, i: int) -> Iterator[tuple[slice, torch.Tensor]]:
         """(flat slice, input i minus base) per chunk, in the compute dtype, in reused buffers."""
@@ -169,9 +184,11 @@ class TensorJob:
         return torch.empty(self.numel, dtype=self.out_dtype, device=(self.base if self.base is not None
                                                                       else self.tensors[0]).device)
 
-    def generator(self, index: int) -> torch.Generator:
-        """A generator private to (seed, tensor, input): results never depend on scheduling."""
-        digest = hashlib.blake2b(f"{self.seed}\0{self.name}\0{index}".encode(), digest_size=8).digest()
+    def generator(self, index: int, chunk: int | None = None) -> torch.Generator:
+        """A generator private to (seed, tensor, input[, chunk]): results never depend on
+        scheduling, and per-chunk generators let chunks draw side by side."""
+        key = f"{self.seed}\0{self.name}\0{index}" + (f"\0{chunk}" if chunk is not None else "")
+        digest = hashlib.blake2b(key.encode(), digest_size=8).digest()
         gen = torch.Generator(device=self.tensors[0].device if self.tensors else "cpu")
         gen.manual_seed(int.from_bytes(digest, "little") & ((1 << 63) - 1))
         return gen

@@ -3,21 +3,13 @@ from __future__ import annotations
 
 import torch
 
-from .base import Method, Param, TensorJob, scratch
+from .base import Method, Param, TensorJob
 
 
 def merge_linear(job: TensorJob) -> torch.Tensor:
     weights = [p["weight"] for p in job.model_params]
     scale = 1.0 / sum(weights) if job.params["normalize"] else 1.0
-    out = job.empty_output()
-
-    def merge_chunk(sl, xs):
-        acc = scratch(1, job.compute_dtype, out.device)[0][:sl.stop - sl.start].copy_(xs[0]).mul_(weights[0] * scale)
-        for w, x in zip(weights[1:], xs[1:]):
-            acc.add_(x, alpha=w * scale)  # mixed dtypes: converted inside the kernel, no copy pass
-        out[sl] = acc
-    job.map(lambda c: merge_chunk(*c), job.stored_chunks())
-    return out.view(job.shape)
+    return job.weighted_sum([w * scale for w in weights])
 
 
 def check_linear(params: dict, model_params: list[dict]) -> str | None:

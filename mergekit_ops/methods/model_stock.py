@@ -38,15 +38,7 @@ def merge_model_stock(job: TensorJob) -> torch.Tensor:
     norms = dots.diagonal().sqrt()
     cos = torch.stack([_cos(dots[i, j], norms[i] * norms[j]) for i, j in pairs]).mean()
     t = float(stock_ratio(n, cos))
-    out = job.empty_output()
-
-    def merge_chunk(sl, xs, base):
-        mean = xs[0]  # a scratch buffer: free to modify
-        for x in xs[1:]:
-            mean += x
-        out[sl] = torch.add(base.mul_(1 - t), mean, alpha=t / n)
-    job.map_chunks(merge_chunk)
-    return out.view(job.shape)
+    return job.weighted_sum([t / n] * n, 1 - t)
 
 
 def _cos(dot: torch.Tensor, norm_product: torch.Tensor) -> torch.Tensor:

@@ -1,7 +1,8 @@
 """Sparsifiers for task vectors: which entries of a delta survive, and how survivors are rescaled.
 
 Each sparsifier is built for one (tensor, input): its constructor makes the passes it needs over
-the delta (thresholds, norms), then `apply` is called once per chunk, in any order unless `ordered`.
+the delta (thresholds), set_l1_scales the norm pass of all inputs together, then `apply` is called
+once per chunk, in any order.
 
 Rescale modes: 'l1' scales the survivors so the tensor keeps its L1 norm (mergekit's behaviour;
 skipped when either norm is below 1e-7); 'inverse_density' divides by density (the DARE paper);
@@ -12,39 +13,64 @@ from __future__ import annotations
 import torch
 
 from ..select import TopK, magnitude_bits
-from .base import CHUNK, TensorJob
+from .base import CHUNK, TensorJob, scratch
 
 
 def masked(delta: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """delta * mask in place, the same bits; a bool operand takes torch's slow mixed-dtype path
-    (~8x slower than converting it from uint8 first)."""
-    return delta.mul_(mask.view(torch.uint8).to(delta.dtype))
+    """delta * mask (bool or 0/1 uint8) in place, the same bits. A bool operand takes torch's slow
+    mixed-dtype path (~8x slower), so the mask is converted from uint8 first, into a reused buffer
+    (a fresh one page-faults; delta is a chunk, at most CHUNK long)."""
+    factor = scratch(1, delta.dtype, delta.device, "mask")[0][:delta.numel()].view(delta.shape)
+    return delta.mul_(factor.copy_(mask.view(torch.uint8)))
 
 
 class Sparsifier:
-    """Keeps everything (density >= 1); subclasses override `keep`."""
+    """Keeps everything (density >= 1); subclasses override `keep`. Masks are pure functions of
+    the chunk, so chunks are sparsified in any order."""
 
     scale = 1.0
-    ordered = False  # True: `apply` must see the chunks in order (it carries state from one to the next)
+    l1 = False  # rescale to the delta's L1 norm: set_l1_scales sets `scale`
+
+    @property
+    def sparsifies(self) -> bool:
+        """False for this identity (every subclass drops entries), so a merge may skip deltas."""
+        return type(self) is not Sparsifier
 
     def keep(self, sl: slice, delta: torch.Tensor) -> torch.Tensor:
         return delta
 
-    def apply(self, sl: slice, delta: torch.Tensor) -> torch.Tensor:
-        kept = self.keep(sl, delta)
-        return kept * self.scale if self.scale != 1.0 else kept
+    def keep_for_norm(self, sl: slice, magnitude: torch.Tensor) -> torch.Tensor:
+        """keep() in the L1 norm pass (a mask keeps |d| where it keeps d)."""
+        return self.keep(sl, magnitude)
 
-    def _set_scale(self, job: TensorJob, i: int, mode: str, density: float, replay: "Sparsifier") -> None:
-        """replay: an identical sparsifier whose masks are drawn for the L1 norm pass."""
+    def apply(self, sl: slice, delta: torch.Tensor, weight: float = 1.0) -> torch.Tensor:
+        """The kept entries of a chunk's delta, rescaled and weighted, in place (one pass for both)."""
+        kept = self.keep(sl, delta)
+        return kept.mul_(self.scale * weight) if self.scale * weight != 1.0 else kept
+
+    def _set_rescale(self, mode: str, density: float) -> None:
         if mode == "inverse_density":
             self.scale = 1.0 / density
-        elif mode == "l1":
-            before = after = 0.0
-            for sl, d in job.delta_chunks(i):
-                magnitude = d.abs_()  # a mask keeps |d| where it keeps d: one pass fewer
-                before += float(magnitude.sum())
-                after += float(replay.keep(sl, magnitude).sum())
-            self.scale = before / after if before >= 1e-7 and after >= 1e-7 else 1.0
+        self.l1 = mode == "l1"
+
+
+def set_l1_scales(job: TensorJob, sparse: list[Sparsifier]) -> None:
+    """The 'l1' rescale of every input that asks for it, from one pass over the chunks (side by
+    side on the pool; partial norms added in chunk order)."""
+    inputs = [i for i, s in enumerate(sparse) if s.l1]
+    if not inputs:
+        return
+
+    def norms(sl, xs, base):
+        sums = []
+        for i in inputs:
+            magnitude = xs[i].sub_(base).abs_()
+            sums.append((float(magnitude.sum()), float(sparse[i].keep_for_norm(sl, magnitude).sum())))
+        return sums
+    parts = job.map_chunks(norms)
+    for k, i in enumerate(inputs):
+        before, after = sum(p[k][0] for p in parts), sum(p[k][1] for p in parts)
+        sparse[i].scale = before / after if before >= 1e-7 and after >= 1e-7 else 1.0
 
 
 class Magnitude(Sparsifier):
@@ -53,7 +79,7 @@ class Magnitude(Sparsifier):
     def __init__(self, job: TensorJob, i: int, density: float, mode: str, k: int | None = None):
         k = max(1, int(density * job.numel)) if k is None else k
         [self.top] = TopK.select(lambda: (magnitude_bits(d) for _, d in job.delta_chunks(i)), [k], job.numel)
-        self._set_scale(job, i, mode, density, self)
+        self._set_rescale(mode, density)
 
     def keep(self, sl, delta):
         return masked(delta, self.top.mask(sl.start, magnitude_bits(delta)))
@@ -69,7 +95,7 @@ class Window(Sparsifier):
         top = min(top, n - keep)
         bits = lambda: (magnitude_bits(d) for _, d in job.delta_chunks(i))  # noqa: E731
         self.upto, self.skip = TopK.select(bits, [top + keep, top], n)
-        self._set_scale(job, i, mode, density, self)
+        self._set_rescale(mode, density)
 
     def keep(self, sl, delta):
         bits = magnitude_bits(delta)
@@ -77,45 +103,38 @@ class Window(Sparsifier):
 
 
 class Bernoulli(Sparsifier):
-    """DARE: keep each entry with probability density, drawn from the (tensor, input) generator.
+    """DARE: keep each entry with probability density, drawn from the (tensor, input, chunk)
+    generator.
 
-    An entry is kept when a uniform 24-bit integer is below round(density * 2**24): half the
-    generator work of float draws. With the L1 rescale, the masks of the norm pass are kept for
-    the merge pass instead of being drawn twice.
+    An entry is kept when a uniform 15-bit integer is below round(density * 2**15), at most
+    2**15 - 1 (so the keep probability is density to within 2**-15): each 64-bit generator word
+    gives four draws (its top bit is always 0), a quarter of the generator work of float draws.
+    The masks drawn for the L1 norm pass are kept for the merge pass instead of drawn twice.
     """
 
     def __init__(self, job: TensorJob, i: int, density: float, mode: str):
-        self.threshold, self.gen = round(density * (1 << 24)), job.generator(i)
-        self.masks: list[torch.Tensor] | None = None
-        if mode == "l1":
-            self.masks = []
-            self._set_scale(job, i, mode, density, _Recording(self))
-        else:
-            self._set_scale(job, i, mode, density, self)
-        self.ordered = self.masks is None  # drawn while merging: in chunk order
+        self.job, self.input = job, i
+        self.threshold = min(round(density * (1 << 15)), (1 << 15) - 1)
+        self.saved: dict[int, torch.Tensor] = {}  # chunk index -> mask, from the norm pass
+        self._set_rescale(mode, density)
 
-    def draw(self, n: int, device: torch.device) -> torch.Tensor:
-        words = torch.empty((n + 1) // 2, dtype=torch.int64, device=device).random_(generator=self.gen)
-        low = words.view(torch.int32)[:n]
-        return torch.bitwise_and(low, 0xFFFFFF, out=low) < self.threshold
-
-    def keep(self, sl, delta):
-        if self.masks is None:
-            return masked(delta, self.draw(delta.numel(), delta.device))
-        mask, self.masks[sl.start // CHUNK] = self.masks[sl.start // CHUNK], None  # each chunk merges once
-        return masked(delta, mask)
-
-
-class _Recording(Sparsifier):
-    """Draws a Bernoulli sparsifier's masks for the norm pass and stores them for the merge pass."""
-
-    def __init__(self, owner: Bernoulli):
-        self.owner = owner
+    def draw(self, sl: slice, device: torch.device) -> torch.Tensor:
+        n = sl.stop - sl.start
+        gen = self.job.generator(self.input, sl.start // CHUNK)
+        words = torch.empty((n + 3) // 4, dtype=torch.int64, device=device).random_(generator=gen)
+        lanes = words.view(torch.int16)[:n]
+        # lane < threshold as 1/0 by integer arithmetic: torch's comparisons write bools element
+        # by element (5x slower); a 15-bit lane minus the threshold is negative exactly when kept
+        lanes.bitwise_and_(0x7FFF).sub_(self.threshold).bitwise_right_shift_(15).neg_()
+        return lanes.to(torch.uint8)
 
     def keep(self, sl, delta):
-        mask = self.owner.draw(delta.numel(), delta.device)
-        self.owner.masks.append(mask)
-        return masked(delta, mask)
+        mask = self.saved.pop(sl.start // CHUNK, None)  # each chunk merges once
+        return masked(delta, mask if mask is not None else self.draw(sl, delta.device))
+
+    def keep_for_norm(self, sl, magnitude):
+        mask = self.saved[sl.start // CHUNK] = self.draw(sl, magnitude.device)
+        return masked(magnitude, mask)
 
 
 class Della(Sparsifier):
@@ -140,5 +159,5 @@ class Della(Sparsifier):
                 kept *= before / after
         self.kept = kept
 
-    def apply(self, sl, delta):
-        return self.kept[sl]
+    def apply(self, sl, delta, weight=1.0):
+        return self.kept[sl].mul_(weight)  # each chunk is applied once

@@ -16,8 +16,8 @@ from typing import Callable
 
 import torch
 
-from .sparsify import Bernoulli, Della, Magnitude, Sparsifier, Window
-from .base import Method, Param, TensorJob, in_range
+from .sparsify import Bernoulli, Della, Magnitude, Sparsifier, Window, set_l1_scales
+from .base import Method, Param, TensorJob, in_range, scratch
 from .model_trim import plan_model_trim
 
 RESCALE = Param("rescale", kind=str, choices=("l1", "inverse_density", "none"),
@@ -29,9 +29,8 @@ DENSITY = Param("density", 1.0, float, check=in_range(0.0, 1.0, lo_open=True))
 
 
 def generalized_merge(job: TensorJob, sparsifier: Callable | None, consensus: bool) -> torch.Tensor:
-    """Streams the tensor in chunks: sparsifiers make their passes first (one input per pool
-    thread; each input keeps its own generator), then one pass merges, chunks side by side unless
-    a sparsifier must see them in order."""
+    """Streams the tensor in chunks: sparsifiers make their passes first (thresholds one input
+    per pool thread, L1 norms chunks side by side), then one pass merges, chunks side by side."""
     if not job.tensors:
         return job.convert(job.base)
     mode = job.params["rescale"]
@@ -40,43 +39,53 @@ def generalized_merge(job: TensorJob, sparsifier: Callable | None, consensus: bo
               if sparsifier else [Sparsifier() for _ in job.model_params])
     normalize, lam = job.params["normalize"], job.params["lambda"]
     total_weight = sum(weights) if abs(sum(weights)) >= 1e-8 else 1.0
+    if not consensus and not any(s.sparsifies for s in sparse):
+        # linear in the inputs: base + c * sum(w_i * (x_i - base)) in the fewest passes
+        c = lam / total_weight if normalize else lam
+        return job.weighted_sum([c * w for w in weights], 1 - c * sum(weights))
+    set_l1_scales(job, sparse)
     out = job.empty_output()
 
-    ordered = any(s.ordered for s in sparse)
-
     def merge_chunk(sl, xs, base):
-        def delta(i):
-            return sparse[i].apply(sl, xs[i].sub_(base)).mul_(weights[i])
-        # chunks in order: the inputs of each chunk side by side instead (never nested in the pool)
-        deltas = job.map(delta, range(len(xs))) if ordered else [delta(i) for i in range(len(xs))]
-        if consensus:
+        deltas = [s.apply(sl, x.sub_(base), w) for s, x, w in zip(sparse, xs, weights)]
+        scale = lam
+        if consensus and normalize:
             # the elected sign; a zero sum counts as + (a -0.0 sum means every delta is zero, so none agrees)
             sign = torch.copysign(ONE.to(base.device), sum(deltas))
             mix = torch.zeros_like(base)
-            divisor = torch.zeros_like(base) if normalize else 1.0
+            divisor = torch.zeros_like(base)
             for d, w in zip(deltas, weights):
                 agreeing = d.mul_(sign).clamp_(min=0)  # |d| where d has the elected sign, else 0
                 mix += agreeing
-                if normalize:
-                    divisor.add_(agreeing.sign(), alpha=w)
+                divisor.add_(agreeing.sign(), alpha=w)
             mix *= sign
-            if normalize:
-                divisor.masked_fill_(divisor == 0, 1)
+            mix /= divisor.masked_fill_(divisor == 0, 1)
+        elif consensus:
+            mix, scale = agreeing_sum(deltas), lam / 2
         else:
             mix = deltas[0]
             for d in deltas[1:]:
                 mix += d
-            divisor = total_weight
-        if normalize:
-            mix /= divisor
-        out[sl] = base.add_(mix, alpha=lam)
+            if normalize:
+                mix /= total_weight
+        out[sl] = base.add_(mix, alpha=scale)
 
-    if ordered:
-        for sl, xs, base in job.chunks():
-            merge_chunk(sl, xs, base)
-    else:
-        job.map_chunks(merge_chunk)
+    job.map_chunks(merge_chunk)
     return out.view(job.shape)
+
+
+def agreeing_sum(deltas: list[torch.Tensor]) -> torch.Tensor:
+    """Twice the sum of the entries whose sign agrees with the total's (a zero total counts as +;
+    -0.0 only when every delta is zero): T + copysign(A, T) with T = sum d_i and A = sum |d_i|,
+    since an agreeing entry adds |d| to both and a disagreeing one cancels. Half the passes of
+    masking each delta; the deltas are overwritten."""
+    total = scratch(1, deltas[0].dtype, deltas[0].device, "consensus")[0][:deltas[0].numel()].copy_(deltas[0])
+    for d in deltas[1:]:
+        total += d
+    magnitude = deltas[0].abs_()
+    for d in deltas[1:]:
+        magnitude += d.abs_()
+    return total.add_(torch.copysign(magnitude, total, out=magnitude))
 
 
 def _magnitude(job, i, p, mode):
