@@ -93,7 +93,7 @@ def test_task_arithmetic_lambda_zero_returns_base(seed):
     assert torch.equal(_run("task_arithmetic", xs, base, [{"weight": 1.0}] * 2, **{"lambda": 0.0}), base)
 
 
-def _ties_ref(base, xs, w, density):
+def _ties_ref(base, xs, w, density, normalize=True, lam=1.0):
     deltas = []
     for x in xs:
         d = x - base
@@ -105,7 +105,7 @@ def _ties_ref(base, xs, w, density):
     W = torch.tensor(w).view(-1, 1, 1) * agree
     div = W.sum(0)
     div[div == 0] = 1
-    return base + (D * agree).sum(0) / div
+    return base + lam * (D * agree).sum(0) / (div if normalize else 1)
 
 
 def test_ties_trims_elects_and_takes_disjoint_mean(seed):
@@ -114,6 +114,22 @@ def test_ties_trims_elects_and_takes_disjoint_mean(seed):
     density = torch.rand(()).item() * 0.8 + 0.1
     out = _run("ties", xs, base, [{"weight": v, "density": density} for v in w])
     _close(out, _ties_ref(base, xs, w, density))
+
+
+def test_sign_consensus_without_normalize_adds_the_agreeing_deltas(seed):
+    base, xs = _inputs(3)
+    a, b = (torch.rand(2) + 0.2).tolist()
+    w, lam = [a, a, b], torch.rand(()).item() + 0.5
+    base[0, :3] = 0.0
+    xs[0][0, 0], xs[1][0, 0], xs[2][0, 0] = 0.75, -0.75, 0.0  # the deltas sum to exactly 0: + is elected
+    for x in xs:
+        x[0, 1] = 0.0  # every delta is zero
+        x[0, 2] = -0.0
+    density = torch.rand(()).item() * 0.8 + 0.1
+    out = _run("ties", xs, base, [{"weight": v, "density": density} for v in w], normalize=False, **{"lambda": lam})
+    _close(out, _ties_ref(base, xs, w, density, normalize=False, lam=lam))
+    full = _run("ties", xs, base, [{"weight": v, "density": 1.0} for v in w], normalize=False, **{"lambda": lam})
+    assert full[0, 0].item() == pytest.approx(lam * a * 0.75, rel=1e-6) and full[0, 1] == 0 and full[0, 2] == 0
 
 
 def test_ties_of_one_model_at_density_one_is_task_arithmetic(seed):
