@@ -7,6 +7,7 @@ deps list), so a merge of merges is an ordinary edge from the parent's output di
 """
 from __future__ import annotations
 
+import ast
 from pathlib import Path
 
 import yaml
@@ -15,15 +16,35 @@ from omegaconf import DictConfig
 from .built import base_of
 from .errors import ConfigError
 
-FETCH_CODE = ["stages/fetch.py", "stages/hub.py", "stages/preflight.py"]
-MERGE_CODE = ["stages/merge.py", "mergekit_ops", "stages/tracking.py", "stages/digest.py", "stages/built.py"]
-EVAL_CODE = ["stages/evaluate.py", "stages/evaluation.py", "stages/metrics.py", "stages/tracking.py",
-             "stages/digest.py", "stages/built.py"]
-SWEEP_CODE = ["stages/sweep.py", "stages/metrics.py"]
-REPORT_CODE = ["stages/report.py", "stages/metrics.py", "stages/built.py"]
-PUBLISH_CODE = ["stages/publish.py", "stages/card.py", "stages/hub_push.py", "stages/lineage.py", "stages/tracking.py",
-                "stages/digest.py", "stages/built.py", "stages/report.py", "stages/metrics.py"]
-COMPOSE_CODE = ["stages/compose.py", "stages/graph.py", "stages/schema.py"]
+
+
+def code_deps(module: str) -> list[str]:
+    """The files a stage's code is made of: stages/<module>.py and every project module it imports,
+    transitively, read from its import statements (lazy ones included), so a stage reruns when
+    any code it runs changes and no hand-kept list goes stale. The engine counts as one directory."""
+    here = Path(__file__).parent
+    deps, seen, todo = set(), set(), [module]
+    while todo:
+        name = todo.pop()
+        if name in seen or not (here / f"{name}.py").is_file():
+            continue
+        seen.add(name)
+        deps.add(f"stages/{name}.py")
+        for node in ast.walk(ast.parse((here / f"{name}.py").read_text(), filename=f"stages/{name}.py")):
+            if isinstance(node, ast.Import):
+                imported = [alias.name.split(".") for alias in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                parts = ["stages"] * bool(node.level) + [p for p in (node.module or "").split(".") if p]
+                # `from . import a, b` (or `from stages import a`) imports modules a and b
+                imported = [parts + [alias.name] for alias in node.names] if len(parts) == 1 else [parts]
+            else:
+                continue
+            for parts in imported:
+                if parts[0] == "mergekit_ops":
+                    deps.add("mergekit_ops")
+                elif parts[0] == "stages" and len(parts) > 1:
+                    todo.append(parts[1])
+    return sorted(deps)
 
 
 class Graph:
@@ -92,20 +113,20 @@ def render_dvc_yaml(graph: Graph, params: dict, cfg: DictConfig, conf_dir: Path,
     stages: dict[str, dict] = {"compose": {
         "cmd": "python -m stages.compose",
         "always_changed": True,
-        "deps": COMPOSE_CODE + [str(conf_dir.relative_to(root))],  # the directory: files may come and go
+        "deps": code_deps("compose") + [str(conf_dir.relative_to(root))],  # the directory: files may come and go
         "outs": [{"params.yaml": {"cache": False, "persist": True}}],
     }}
     if cfg.demo.enabled:
-        stages["demo"] = {"cmd": f"python -m stages.demo {cfg.demo.out}", "deps": ["stages/demo.py"],
+        stages["demo"] = {"cmd": f"python -m stages.demo {cfg.demo.out}", "deps": code_deps("demo"),
                           "outs": [cfg.demo.out]}
     for name in graph.models:
         if graph.sources[name]["source"] == "hub":
-            stages[f"fetch-{name}"] = {"cmd": f"python -m stages.fetch {name}", "deps": FETCH_CODE,
+            stages[f"fetch-{name}"] = {"cmd": f"python -m stages.fetch {name}", "deps": code_deps("fetch"),
                                        "params": [f"models.{name}"], "outs": [graph.artifact(name, artifacts)]}
     for name in graph.merges:
         stages[f"merge-{name}"] = {
             "cmd": f"python -m stages.merge {name}",
-            "deps": MERGE_CODE + [_dep_path(graph.artifact(ref, artifacts), root) for ref in graph.inputs[name]],
+            "deps": code_deps("merge") + [_dep_path(graph.artifact(ref, artifacts), root) for ref in graph.inputs[name]],
             "params": [f"merges.{name}"],
             "outs": [graph.artifact(name, artifacts)],
         }
@@ -116,7 +137,7 @@ def render_dvc_yaml(graph: Graph, params: dict, cfg: DictConfig, conf_dir: Path,
         for name in graph.models + graph.merges:
             stages[f"eval-{name}"] = {
                 "cmd": f"python -m stages.evaluate {name}",
-                "deps": EVAL_CODE + [_dep_path(graph.artifact(name, artifacts), root)] + data,
+                "deps": code_deps("evaluate") + [_dep_path(graph.artifact(name, artifacts), root)] + data,
                 "params": ["evaluate.suites"],
                 "metrics": [{f"{artifacts}/eval/{name}.json": {"cache": False}}],
             }
@@ -126,7 +147,7 @@ def render_dvc_yaml(graph: Graph, params: dict, cfg: DictConfig, conf_dir: Path,
             report = f"{artifacts}/reports/{name}"
             stages[f"report-{name}"] = {
                 "cmd": f"python -m stages.report {name}",
-                "deps": REPORT_CODE + [f"{artifacts}/eval/{m}.json" for m in compared],
+                "deps": code_deps("report") + [f"{artifacts}/eval/{m}.json" for m in compared],
                 "params": ["evaluate.baseline"],
                 "outs": [{f"{report}/report.md": {"cache": False}}],
                 "metrics": [{f"{report}/retention.json": {"cache": False}}],
@@ -140,7 +161,7 @@ def render_dvc_yaml(graph: Graph, params: dict, cfg: DictConfig, conf_dir: Path,
             curve = f"{artifacts}/reports/{name}/sweep.json"
             stages[f"sweep-{name}"] = {
                 "cmd": f"python -m stages.sweep {name}",
-                "deps": SWEEP_CODE + [f"{artifacts}/eval/{m}.json" for m in sweep["recipes"]],
+                "deps": code_deps("sweep") + [f"{artifacts}/eval/{m}.json" for m in sweep["recipes"]],
                 "params": [f"sweeps.{name}"],
                 "outs": [{f"{artifacts}/reports/{name}/sweep.md": {"cache": False}}],
                 "plots": [{curve: {"cache": False}}],
@@ -151,7 +172,7 @@ def render_dvc_yaml(graph: Graph, params: dict, cfg: DictConfig, conf_dir: Path,
         model = spec["model"]
         stages[f"publish-{target}"] = {
             "cmd": f"python -m stages.publish {target}",
-            "deps": PUBLISH_CODE + [graph.artifact(model, artifacts), f"{artifacts}/eval/{model}.json",
+            "deps": code_deps("publish") + [graph.artifact(model, artifacts), f"{artifacts}/eval/{model}.json",
                                     f"{artifacts}/reports/{model}/retention.json"],
             "params": [f"publish.{target}", f"merges.{model}"],
             "outs": [{f"{artifacts}/publish/{target}": {"cache": False}}],

@@ -1,11 +1,13 @@
 """conf/ composition: the schema types every file, and every config error names its file and key
 before anything runs; dvc.yaml is rendered from conf/ and the checked-in one is in sync."""
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
-from stages import compose
+from stages import compose, graph
 from stages.errors import ConfigError
 from mergekit_ops.errors import RecipeError
 
@@ -146,3 +148,17 @@ def test_sweep_builds_one_recipe_per_value_and_a_curve_stage(tmp_path):
 def test_evaluation_sweep_and_publish_errors_name_file_and_key(tmp_path, merges, config, evals, publish, pattern):
     with pytest.raises(ConfigError, match=pattern):
         _check(_conf(tmp_path, MODELS, merges, config, evals, publish))
+
+
+def test_stage_code_deps_cover_every_project_module_the_stage_loads():
+    """A stage's code deps come from its import statements; Python's own import of the stage
+    must load no project module they miss (else editing it would not rerun the stage)."""
+    stages = ["compose", "demo", "fetch", "merge", "evaluate", "report", "sweep", "publish"]
+    probe = ("import importlib, sys; importlib.import_module('stages.' + sys.argv[1]); "
+             "print(' '.join(m for m in sys.modules if m.split('.')[0] in ('stages', 'mergekit_ops')))")
+    for stage in stages:
+        loaded = subprocess.run([sys.executable, "-c", probe, stage], cwd=ROOT, capture_output=True, text=True,
+                                check=True).stdout.split()
+        needed = {"mergekit_ops" if m.startswith("mergekit_ops") else f"stages/{m.split('.')[1]}.py"
+                  for m in loaded if m != "stages"}
+        assert needed <= set(graph.code_deps(stage)), (stage, needed - set(graph.code_deps(stage)))
