@@ -21,7 +21,8 @@ import torch
 from .checkpoint import Checkpoint
 from .errors import MergeError
 from .files import write_side_files
-from .methods.base import CHUNK, TensorJob, scratch
+from .chunks import CHUNK, scratch
+from .methods.base import TensorJob
 from .plan import MergePlan, TensorTask, build_plan
 from .recipe import Recipe, load_recipes
 from .safetensors_io import ShardWriter, plan_shards, read_tensor, tensor_nbytes

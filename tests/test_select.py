@@ -1,6 +1,7 @@
 """Exact top-k selection: the same set a stable sort would pick, ties by lowest flat index."""
 import torch
 
+from mergekit_ops.chunks import CHUNK
 from mergekit_ops.select import TopK, magnitude_bits, top_k_mask
 
 
@@ -27,20 +28,31 @@ def test_top_k_breaks_ties_by_lowest_index(seed):
         assert torch.equal(mask, _reference_topk(x, k))
 
 
+def test_top_k_of_a_tensor_longer_than_a_chunk(seed):
+    x = torch.randint(0, 64, (CHUNK + 12_345,)).float()  # ties cross the chunk boundary
+    k = int(torch.randint(1, x.numel(), ()))
+    assert torch.equal(top_k_mask(x, k), _reference_topk(x, k))
+
+
 def test_top_k_handles_values_differing_only_in_low_bits(seed):
     base = torch.full((1000,), 1.5)
     x = base + torch.randint(0, 50, (1000,)) * torch.finfo(torch.float32).eps
     assert torch.equal(top_k_mask(x, 123), _reference_topk(x, 123))
 
 
+def _backwards(chunks):
+    """map_bits that visits the chunks last to first (passes may take them in any order)."""
+    return lambda fn: [fn(magnitude_bits(c)) for c in reversed(chunks)][::-1]
+
+
 def test_streamed_chunks_select_the_same_set_as_the_whole_tensor(seed):
     x = torch.randint(-6, 7, (10_007,)).float() * 0.5  # many ties, spread over chunk boundaries
     k = int(torch.randint(1, 10_000, ()))
     chunks = list(x.split(999))
-    [top] = TopK.select(lambda: (magnitude_bits(c) for c in chunks), [k], x.numel())
+    [top] = TopK.select(_backwards(chunks), [k], x.numel())
     starts = range(0, x.numel(), 999)
     masks = {s: top.mask(s, magnitude_bits(c)) for s, c in reversed(list(zip(starts, chunks)))}  # any order
-    streamed = torch.cat([masks[s] for s in starts])
+    streamed = torch.cat([masks[s] for s in starts]).bool()
     assert torch.equal(streamed, _reference_topk(x.abs(), k))
 
 
@@ -48,7 +60,7 @@ def test_chunks_with_many_ties_count_them_from_a_histogram(seed):
     x = torch.randint(0, 2, (400_000,)).float()  # ~75,000 tied entries per chunk: more than LO_BINS
     chunks = list(x.split(150_000))
     for k in (1, 100_000, 300_000):
-        [top] = TopK.select(lambda: (magnitude_bits(c) for c in chunks), [k], x.numel())
+        [top] = TopK.select(_backwards(chunks), [k], x.numel())
         starts = range(0, x.numel(), 150_000)
         masks = {s: top.mask(s, magnitude_bits(c)) for s, c in reversed(list(zip(starts, chunks)))}
-        assert torch.equal(torch.cat([masks[s] for s in starts]), _reference_topk(x, k)), k
+        assert torch.equal(torch.cat([masks[s] for s in starts]).bool(), _reference_topk(x, k)), k

@@ -2,12 +2,13 @@
 from __future__ import annotations
 
 import hashlib
-import threading
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
 import torch
+
+from ..chunks import CHUNK, scratch
 
 REQUIRED = object()
 
@@ -55,22 +56,6 @@ def in_range(lo: float, hi: float, lo_open: bool = False) -> Callable[[Any], str
             return f"must be in {'(' if lo_open else '['}{lo}, {hi}], got {v}"
         return None
     return check
-
-
-CHUNK = 1 << 20  # elements per streamed chunk: fits in cache. A constant: random draws are made per chunk
-_SCRATCH = threading.local()  # per thread: chunk-sized buffers reused by map_chunks
-
-
-def scratch(n: int, dtype: torch.dtype, device: torch.device, role: str = "chunk") -> list[torch.Tensor]:
-    """n chunk-sized buffers private to this thread (fresh buffers would page-fault every chunk);
-    callers that may run while a chunk's buffers are in use ask for another role."""
-    pool = getattr(_SCRATCH, "buffers", None)
-    if pool is None:
-        pool = _SCRATCH.buffers = {}
-    bufs = pool.setdefault((role, dtype, device), [])
-    while len(bufs) < n:
-        bufs.append(torch.empty(CHUNK, dtype=dtype, device=device))
-    return bufs[:n]
 
 
 @dataclass
@@ -166,15 +151,16 @@ class TensorJob:
         self.map(merge_chunk, range(0, self.numel, CHUNK))
         return out.view(self.shape)
 
-    def delta_chunks(self, i: int) -> Iterator[tuple[slice, torch.Tensor]]:
-        """(flat slice, input i minus base) per chunk, in the compute dtype, in reused buffers."""
+    def map_deltas(self, i: int, fn: Callable[[slice, torch.Tensor], Any]) -> list:
+        """fn(flat slice, input i minus base) for every chunk, on the pool, in the compute dtype
+        (a scratch buffer, free to modify); fn's results in chunk order."""
         x, base = self.tensors[i].reshape(-1), self.base.reshape(-1)
-        size = min(CHUNK, self.numel)
-        buf, base_buf = (torch.empty(size, dtype=self.compute_dtype, device=x.device) for _ in range(2))
-        for start in range(0, self.numel, CHUNK):
+
+        def run(start: int):
             sl = slice(start, min(start + CHUNK, self.numel))
-            n = sl.stop - sl.start
-            yield sl, self._fill(buf[:n], x[sl]).sub_(self._fill(base_buf[:n], base[sl]))
+            buf, base_buf = (b[:sl.stop - sl.start] for b in scratch(2, self.compute_dtype, x.device))
+            return fn(sl, self._fill(buf, x[sl]).sub_(self._fill(base_buf, base[sl])))
+        return self.map(run, range(0, self.numel, CHUNK))
 
     def _fill(self, buf: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         return buf.copy_(x.to(self.load_dtype) if self.load_dtype is not None else x)

@@ -13,7 +13,8 @@ from __future__ import annotations
 import torch
 
 from ..select import TopK, magnitude_bits
-from .base import CHUNK, TensorJob, scratch
+from ..chunks import CHUNK, scratch
+from .base import TensorJob
 
 
 def masked(delta: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -73,12 +74,17 @@ def set_l1_scales(job: TensorJob, sparse: list[Sparsifier]) -> None:
         sparse[i].scale = before / after if before >= 1e-7 and after >= 1e-7 else 1.0
 
 
+def magnitudes(job: TensorJob, i: int):
+    """TopK's map_bits over the magnitudes of input i's delta, chunks side by side on the pool."""
+    return lambda fn: job.map_deltas(i, lambda sl, delta: fn(magnitude_bits(delta, in_place=True)))
+
+
 class Magnitude(Sparsifier):
     """Keep the k = max(1, floor(density * numel)) largest magnitudes (ties by lowest index)."""
 
     def __init__(self, job: TensorJob, i: int, density: float, mode: str, k: int | None = None):
         k = max(1, int(density * job.numel)) if k is None else k
-        [self.top] = TopK.select(lambda: (magnitude_bits(d) for _, d in job.delta_chunks(i)), [k], job.numel)
+        [self.top] = TopK.select(magnitudes(job, i), [k], job.numel)
         self._set_rescale(mode, density)
 
     def keep(self, sl, delta):
@@ -93,13 +99,13 @@ class Window(Sparsifier):
         n = job.numel
         keep, top = int(density * n), int(gamma * n)
         top = min(top, n - keep)
-        bits = lambda: (magnitude_bits(d) for _, d in job.delta_chunks(i))  # noqa: E731
-        self.upto, self.skip = TopK.select(bits, [top + keep, top], n)
+        self.upto, self.skip = TopK.select(magnitudes(job, i), [top + keep, top], n)
         self._set_rescale(mode, density)
 
     def keep(self, sl, delta):
         bits = magnitude_bits(delta)
-        return masked(delta, self.upto.mask(sl.start, bits) & ~self.skip.mask(sl.start, bits))
+        # the largest `top` are a prefix of the largest `top + keep` (one order, ties by index)
+        return masked(delta, self.upto.mask(sl.start, bits).sub_(self.skip.mask(sl.start, bits)))
 
 
 class Bernoulli(Sparsifier):

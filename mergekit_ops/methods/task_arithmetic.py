@@ -17,7 +17,8 @@ from typing import Callable
 import torch
 
 from .sparsify import Bernoulli, Della, Magnitude, Sparsifier, Window, set_l1_scales
-from .base import Method, Param, TensorJob, in_range, scratch
+from ..chunks import scratch
+from .base import Method, Param, TensorJob, in_range
 from .model_trim import plan_model_trim
 
 RESCALE = Param("rescale", kind=str, choices=("l1", "inverse_density", "none"),
@@ -29,14 +30,16 @@ DENSITY = Param("density", 1.0, float, check=in_range(0.0, 1.0, lo_open=True))
 
 
 def generalized_merge(job: TensorJob, sparsifier: Callable | None, consensus: bool) -> torch.Tensor:
-    """Streams the tensor in chunks: sparsifiers make their passes first (thresholds one input
-    per pool thread, L1 norms chunks side by side), then one pass merges, chunks side by side."""
+    """Streams the tensor in chunks: sparsifiers make their passes first (chunks side by side on
+    the pool, one input after another), then one pass merges, chunks side by side."""
     if not job.tensors:
         return job.convert(job.base)
     mode = job.params["rescale"]
     weights = [p["weight"] for p in job.model_params]
-    sparse = (job.map(lambda ip: sparsifier(job, *ip, mode), list(enumerate(job.model_params)))
-              if sparsifier else [Sparsifier() for _ in job.model_params])
+    build = lambda ip: sparsifier(job, *ip, mode) if sparsifier else Sparsifier()  # noqa: E731
+    inputs = list(enumerate(job.model_params))
+    # DELLA ranks whole tensors: one input per pool thread; the other passes use the pool chunk by chunk
+    sparse = job.map(build, inputs) if sparsifier is _della else [build(ip) for ip in inputs]
     normalize, lam = job.params["normalize"], job.params["lambda"]
     total_weight = sum(weights) if abs(sum(weights)) >= 1e-8 else 1.0
     if not consensus and not any(s.sparsifies for s in sparse):
