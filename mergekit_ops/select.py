@@ -43,9 +43,9 @@ def above(bits: torch.Tensor, threshold: int) -> torch.Tensor:
 
 def cut_histogram(counts: torch.Tensor, k: int) -> tuple[int, int]:
     """The bin holding the k-th largest entry, and how many entries of that bin are needed."""
-    above = counts.flip(0).cumsum(0).flip(0)  # above[b] = entries in bins >= b
-    b = int((above >= k).nonzero()[-1])
-    return b, k - (int(above[b + 1]) if b + 1 < counts.numel() else 0)
+    at_least = counts.flip(0).cumsum(0).flip(0)  # at_least[b] = entries in bins >= b
+    b = int((at_least >= k).nonzero()[-1])
+    return b, k - (int(at_least[b + 1]) if b + 1 < counts.numel() else 0)
 
 
 MapBits = Callable[[Callable[[torch.Tensor], Any]], list]

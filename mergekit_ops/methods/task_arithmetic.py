@@ -86,8 +86,8 @@ INT_VIEWS = {2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 def ones_where_zero(x: torch.Tensor) -> torch.Tensor:
     """x (a chunk) with its zeros, of either sign, replaced by 1, in place, by integer arithmetic
-    on its bits: |bits| - 1 is negative exactly at zero. A float comparison and masked_fill cost
-    five times more."""
+    on its bits: the bits without the sign bit, minus 1, are negative exactly at +-0. A float
+    comparison and masked_fill cost five times more."""
     width = 8 * x.element_size()
     ints = x.view(INT_VIEWS[x.element_size()])
     magnitude = torch.bitwise_and(ints, (1 << (width - 1)) - 1,
