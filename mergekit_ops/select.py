@@ -31,14 +31,19 @@ def magnitude_bits(values: torch.Tensor, in_place: bool = False) -> torch.Tensor
     return values.abs().reshape(-1).to(torch.float32).view(torch.int32)
 
 
+def below(x: torch.Tensor, bound: int) -> torch.Tensor:
+    """x < bound as a 0/1 uint8 mask of a chunk of integers, by arithmetic: x - bound is negative
+    exactly there, and its sign bit shifted down is -1 (torch's comparisons write bools element by
+    element, ~5x slower). x - bound must fit x's dtype."""
+    diff = torch.sub(x, bound, out=scratch(1, x.dtype, x.device, "select")[0][:x.numel()])
+    return diff.bitwise_right_shift_(8 * x.element_size() - 1).neg_().to(torch.uint8)
+
+
 def above(bits: torch.Tensor, threshold: int) -> torch.Tensor:
-    """bits > threshold as a 0/1 uint8 mask, by integer arithmetic: bits - (threshold + 1) is
-    negative exactly where bits <= threshold (torch's comparisons write bools element by element,
-    ~5x slower). bits are non-negative int32."""
+    """bits > threshold as a 0/1 uint8 mask; bits are non-negative int32."""
     if threshold >= (1 << 31) - 1:
         return torch.zeros_like(bits, dtype=torch.uint8)
-    shifted = torch.sub(bits, threshold + 1, out=scratch(1, torch.int32, bits.device, "select")[0][:bits.numel()])
-    return shifted.bitwise_right_shift_(31).add_(1).to(torch.uint8)
+    return below(bits, threshold + 1).bitwise_xor_(1)
 
 
 def cut_histogram(counts: torch.Tensor, k: int) -> tuple[int, int]:
@@ -115,7 +120,7 @@ class TopK:
 
 def top_k_mask(magnitude: torch.Tensor, k: int) -> torch.Tensor:
     """Boolean mask (same shape) of the k largest entries of a tensor; ties by lowest index."""
-    chunks = magnitude.abs().reshape(-1).to(torch.float32).view(torch.int32).split(CHUNK)
+    chunks = magnitude_bits(magnitude).split(CHUNK)
     [top] = TopK.select(lambda fn: [fn(c.clone()) for c in chunks], [k], magnitude.numel())
     masks = [top.mask(i * CHUNK, c) for i, c in enumerate(chunks)]
     return torch.cat(masks).view(magnitude.shape).bool() if masks else torch.zeros_like(magnitude, dtype=torch.bool)

@@ -8,6 +8,7 @@ deps list), so a merge of merges is an ordinary edge from the parent's output di
 from __future__ import annotations
 
 import ast
+from functools import lru_cache
 from pathlib import Path
 
 import yaml
@@ -22,6 +23,12 @@ def code_deps(module: str) -> list[str]:
     """The files a stage's code is made of: stages/<module>.py and every project module it imports,
     transitively, read from its import statements (lazy ones included), so a stage reruns when
     any code it runs changes and no hand-kept list goes stale. The engine counts as one directory."""
+    return list(_code_deps(module))
+
+
+@lru_cache(maxsize=None)
+def _code_deps(module: str) -> tuple[str, ...]:
+    """code_deps, parsed once per module (every merge and evaluation stage asks for the same)."""
     here = Path(__file__).parent
     deps, seen, todo = set(), set(), [module]
     while todo:
@@ -44,7 +51,7 @@ def code_deps(module: str) -> list[str]:
                     deps.add("mergekit_ops")
                 elif parts[0] == "stages" and len(parts) > 1:
                     todo.append(parts[1])
-    return sorted(deps)
+    return tuple(sorted(deps))
 
 
 class Graph:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import hashlib
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import torch
 
@@ -62,9 +62,9 @@ def in_range(lo: float, hi: float, lo_open: bool = False) -> Callable[[Any], str
 class TensorJob:
     """One output tensor's inputs, as read (on the device, in their stored dtype), and parameters.
 
-    Whole-tensor methods call `full()` for compute-dtype copies; streaming methods iterate
-    `chunks()`, which converts one cache-sized flat chunk at a time (less memory, fewer passes
-    over RAM).
+    Whole-tensor methods call `full()` for compute-dtype copies; streaming methods work through
+    `map_chunks()` (or `weighted_sum`, `map_deltas`), which convert one cache-sized flat chunk at
+    a time, chunks side by side on the pool (less memory, fewer passes over RAM).
     """
 
     name: str
@@ -97,36 +97,26 @@ class TensorJob:
         base = self.convert(self.base) if self.base is not None else None
         return [self.convert(x) for x in self.tensors], base
 
-    def chunks(self) -> Iterator[tuple[slice, list[torch.Tensor], torch.Tensor | None]]:
-        """(flat slice, inputs, base) per chunk, in order, in the compute dtype.
-
-        The tensors are scratch buffers allocated once and refilled for every chunk: free to
-        modify in place, valid until the next chunk.
-        """
-        sources = [x.reshape(-1) for x in self.tensors] + ([self.base.reshape(-1)] if self.base is not None else [])
-        size = min(CHUNK, self.numel)
-        buffers = [torch.empty(size, dtype=self.compute_dtype, device=x.device) for x in sources]
-        for start in range(0, self.numel, CHUNK):
-            sl = slice(start, min(start + CHUNK, self.numel))
-            views = [self._fill(buf[:sl.stop - sl.start], x[sl]) for buf, x in zip(buffers, sources)]
-            yield (sl, views, None) if self.base is None else (sl, views[:-1], views[-1])
-
     def map(self, fn: Callable, items) -> list:
         """fn over items on the pool (or in order here); results in item order."""
         return list(self.pool.map(fn, items) if self.pool is not None else map(fn, items))
 
+    def map_slices(self, fn: Callable[[slice], Any]) -> list:
+        """fn(flat slice) for every chunk, on the pool; results in chunk order."""
+        return self.map(lambda start: fn(slice(start, min(start + CHUNK, self.numel))), range(0, self.numel, CHUNK))
+
     def map_chunks(self, fn: Callable[[slice, list[torch.Tensor], torch.Tensor | None], Any]) -> list:
-        """fn(flat slice, inputs, base) for every chunk, as chunks() yields them, but on the pool:
-        fn must not depend on the order (write its own slice of the output, return partial sums).
-        Returns fn's results in chunk order, so sums of them do not depend on the schedule."""
+        """fn(flat slice, inputs, base) for every chunk, on the pool, in the compute dtype (scratch
+        buffers, free to modify): fn must not depend on the order (write its own slice of the
+        output, return partial sums). Returns fn's results in chunk order, so sums of them do not
+        depend on the schedule."""
         sources = [x.reshape(-1) for x in self.tensors] + ([self.base.reshape(-1)] if self.base is not None else [])
 
-        def run(start: int):
-            sl = slice(start, min(start + CHUNK, self.numel))
+        def run(sl: slice):
             bufs = scratch(len(sources), self.compute_dtype, sources[0].device)
             views = [self._fill(buf[:sl.stop - sl.start], x[sl]) for buf, x in zip(bufs, sources)]
             return fn(sl, views, None) if self.base is None else fn(sl, views[:-1], views[-1])
-        return self.map(run, range(0, self.numel, CHUNK))
+        return self.map_slices(run)
 
     def weighted_sum(self, weights: list[float], base_weight: float = 0.0) -> torch.Tensor:
         """sum_i weights[i] * input_i + base_weight * base, in the output dtype, shaped.
@@ -141,14 +131,13 @@ class TensorJob:
             terms.append(self.base.reshape(-1))
             coefs.append(base_weight)
 
-        def merge_chunk(start: int) -> None:
-            sl = slice(start, min(start + CHUNK, self.numel))
+        def merge_chunk(sl: slice) -> None:
             acc, tmp = (buf[:sl.stop - sl.start] for buf in scratch(2, self.compute_dtype, out.device))
             self._fill(acc, terms[0][sl]).mul_(coefs[0])
             for c, x in zip(coefs[1:], terms[1:]):
                 acc.add_(self._fill(tmp, x[sl]), alpha=c)
             out[sl] = acc
-        self.map(merge_chunk, range(0, self.numel, CHUNK))
+        self.map_slices(merge_chunk)
         return out.view(self.shape)
 
     def map_deltas(self, i: int, fn: Callable[[slice, torch.Tensor], Any]) -> list:
@@ -156,11 +145,10 @@ class TensorJob:
         (a scratch buffer, free to modify); fn's results in chunk order."""
         x, base = self.tensors[i].reshape(-1), self.base.reshape(-1)
 
-        def run(start: int):
-            sl = slice(start, min(start + CHUNK, self.numel))
+        def run(sl: slice):
             buf, base_buf = (b[:sl.stop - sl.start] for b in scratch(2, self.compute_dtype, x.device))
             return fn(sl, self._fill(buf, x[sl]).sub_(self._fill(base_buf, base[sl])))
-        return self.map(run, range(0, self.numel, CHUNK))
+        return self.map_slices(run)
 
     def _fill(self, buf: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         return buf.copy_(x.to(self.load_dtype) if self.load_dtype is not None else x)

@@ -8,9 +8,11 @@ from .base import Method, Param, TensorJob
 
 def merge_nearswap(job: TensorJob) -> torch.Tensor:
     out = job.empty_output()
-    for sl, (other,), base in job.chunks():
-        w = (job.params["t"] / (base - other).abs().clamp_min(1e-6)).clamp_(0, 1)
-        out[sl] = torch.lerp(base, other, w)
+
+    def merge_chunk(sl, xs, base):
+        w = (job.params["t"] / (base - xs[0]).abs().clamp_min(1e-6)).clamp_(0, 1)
+        out[sl] = torch.lerp(base, xs[0], w)
+    job.map_chunks(merge_chunk)
     return out.view(job.shape)
 
 

@@ -34,12 +34,7 @@ def merge_slerp(job: TensorJob) -> torch.Tensor:
     for a, b, c in sums:  # in chunk order, as one pass would add them
         sq0, sq1, dot = sq0 + a, sq1 + b, dot + c
     c0, c1 = slerp_coefficients(job.params["t"], sq0, sq1, dot)
-    out = job.empty_output()
-
-    def merge_chunk(sl, xs, base):
-        out[sl] = torch.add(base * c0, xs[0], alpha=c1)
-    job.map_chunks(merge_chunk)
-    return out.view(job.shape)
+    return job.weighted_sum([c1], c0)
 
 
 METHOD = Method(

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from ..select import TopK, magnitude_bits
+from ..select import TopK, below, magnitude_bits
 from ..chunks import CHUNK, scratch
 from .base import TensorJob
 
@@ -128,11 +128,7 @@ class Bernoulli(Sparsifier):
         n = sl.stop - sl.start
         gen = self.job.generator(self.input, sl.start // CHUNK)
         words = torch.empty((n + 3) // 4, dtype=torch.int64, device=device).random_(generator=gen)
-        lanes = words.view(torch.int16)[:n]
-        # lane < threshold as 1/0 by integer arithmetic: torch's comparisons write bools element
-        # by element (5x slower); a 15-bit lane minus the threshold is negative exactly when kept
-        lanes.bitwise_and_(0x7FFF).sub_(self.threshold).bitwise_right_shift_(15).neg_()
-        return lanes.to(torch.uint8)
+        return below(words.view(torch.int16)[:n].bitwise_and_(0x7FFF), self.threshold)
 
     def keep(self, sl, delta):
         mask = self.saved.pop(sl.start // CHUNK, None)  # each chunk merges once

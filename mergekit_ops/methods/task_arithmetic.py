@@ -16,6 +16,7 @@ from typing import Callable
 
 import torch
 
+from ..select import below
 from .sparsify import Bernoulli, Della, Magnitude, Sparsifier, Window, set_l1_scales
 from ..chunks import scratch
 from .base import Method, Param, TensorJob, in_range
@@ -85,15 +86,12 @@ INT_VIEWS = {2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
 def ones_where_zero(x: torch.Tensor) -> torch.Tensor:
-    """x (a chunk) with its zeros, of either sign, replaced by 1, in place, by integer arithmetic
-    on its bits: the bits without the sign bit, minus 1, are negative exactly at +-0. A float
-    comparison and masked_fill cost five times more."""
-    width = 8 * x.element_size()
+    """x (a chunk) with its zeros, of either sign, replaced by 1, in place: its bits without the
+    sign bit are below 1 exactly at +-0 (a float comparison and masked_fill cost five times more)."""
     ints = x.view(INT_VIEWS[x.element_size()])
-    magnitude = torch.bitwise_and(ints, (1 << (width - 1)) - 1,
+    magnitude = torch.bitwise_and(ints, (1 << (8 * x.element_size() - 1)) - 1,
                                   out=scratch(1, ints.dtype, x.device, "consensus")[0][:x.numel()])
-    is_zero = magnitude.sub_(1).bitwise_right_shift_(width - 1)  # -1 at zero, else 0
-    return x.sub_(scratch(1, x.dtype, x.device, "zero")[0][:x.numel()].copy_(is_zero))
+    return x.add_(scratch(1, x.dtype, x.device, "zero")[0][:x.numel()].copy_(below(magnitude, 1)))
 
 
 def agreeing_sum(deltas: list[torch.Tensor]) -> torch.Tensor:
