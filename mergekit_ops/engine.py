@@ -23,6 +23,7 @@ from .errors import MergeError
 from .files import write_side_files
 from .chunks import CHUNK, scratch
 from .methods.base import TensorJob
+from .outputs import OutputBuffers
 from .plan import MergePlan, TensorTask, build_plan
 from .recipe import Recipe, load_recipes
 from .safetensors_io import ShardWriter, plan_shards, read_tensor, tensor_nbytes
@@ -43,6 +44,7 @@ class MergeOptions:
     read_ahead_bytes: int = 256 * 2**20
     progress: Callable[[int, int, int], None] | None = None  # (tensors done, total, bytes written)
     pool: Executor | None = None  # set by execute: the merge's worker threads
+    outputs: OutputBuffers | None = None  # set by execute: output buffers recycled once written
 
 
 def merge_file(recipe_path: str | Path, out_dir: str | Path, options: MergeOptions | None = None,
@@ -108,7 +110,7 @@ def execute(plan: MergePlan, out_dir: Path, options: MergeOptions) -> Path:
             finally:
                 reader.close()
         with _gc_paused(), _workers() as pool:
-            _run(plan, writer, device, replace(options, pool=pool), extras)
+            _run(plan, writer, device, replace(options, pool=pool, outputs=OutputBuffers()), extras)
         writer.close()
         _replace_dir(tmp, out_dir)
     except BaseException:
@@ -223,15 +225,24 @@ def _run(plan: MergePlan, writer: ShardWriter, device: torch.device, options: Me
                 frees.submit(loaded.clear)  # unmapping the inputs (page-table work) off the merge thread
                 del loaded
                 while len(writes) >= 2:
-                    writes.popleft().result()
-                writes.append(write_pool.submit(writer.write, task.name, out))
+                    _finish(writes.popleft(), options)
+                writes.append((write_pool.submit(writer.write, task.name, out), out))
+                del out
                 written += tensor_nbytes(task.out_dtype, task.shape)
                 if options.progress:
                     options.progress(done + 1, len(tasks), written)
             while writes:
-                writes.popleft().result()
+                _finish(writes.popleft(), options)
     finally:
         reader.close()
+
+
+def _finish(write: tuple, options: MergeOptions) -> None:
+    """Wait for a tensor's write, then hand its buffer back for the next tensor of its size."""
+    future, out = write
+    future.result()
+    if options.outputs is not None:
+        options.outputs.give(out)
 
 
 def _job(plan: MergePlan, task: TensorTask, inputs: list[torch.Tensor], base: torch.Tensor | None,
@@ -242,7 +253,8 @@ def _job(plan: MergePlan, task: TensorTask, inputs: list[torch.Tensor], base: to
         inputs, base = _align_vocab(plan, task, inputs, base)
     return TensorJob(name=task.name, tensors=inputs, base=base, model_params=task.model_params,
                      params=task.params, seed=options.seed, extra=extra or {}, compute_dtype=options.compute_dtype,
-                     load_dtype=plan.load_dtype, out_dtype=task.out_dtype, pool=options.pool)
+                     load_dtype=plan.load_dtype, out_dtype=task.out_dtype, pool=options.pool,
+                     outputs=options.outputs)
 
 
 def _align_vocab(plan: MergePlan, task: TensorTask, inputs: list[torch.Tensor],

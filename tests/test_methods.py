@@ -2,9 +2,11 @@
 import itertools
 import math
 
+import numpy as np
 import pytest
 import torch
 
+from mergekit_ops.chunks import CHUNK
 from mergekit_ops.methods import METHODS
 from mergekit_ops.methods.base import REQUIRED, TensorJob
 
@@ -160,6 +162,22 @@ def test_dare_draw_is_reproducible_and_differs_per_input(seed):
     assert torch.equal(a, b)
     single = _run("dare_linear", [x], base, [{"weight": 1.0, "density": 0.5}])
     assert not torch.equal(a, 2 * single)  # the two inputs got different masks
+
+
+def test_dare_draws_come_from_the_stable_sfc64_stream(seed):
+    """Masks are a function of numpy's raw SFC64 stream (which numpy keeps stable across
+    versions and platforms): an entry is kept when its 15-bit lane of the chunk's stream is
+    below density * 2**15."""
+    n = CHUNK + int(torch.randint(1, 5000, ()))  # two chunks, the second partial
+    x = torch.randn(n)
+    density = float(torch.empty(()).uniform_(0.1, 0.9))
+    job = _job("dare_linear", [x], torch.zeros(n), [{"weight": 1.0, "density": density}], rescale="none")
+    kept = METHODS["dare_linear"].merge(job) != 0
+    for c, start in enumerate(range(0, n, CHUNK)):
+        m = min(CHUNK, n - start)
+        words = np.random.SFC64(job.stream_seed(0, c)).random_raw(-(-m // 4)).view(np.int16)[:m]
+        expected = torch.from_numpy((words & 0x7FFF) < round(density * 2**15))
+        assert torch.equal(kept[start:start + m], expected)
 
 
 def test_breadcrumbs_drops_outliers_and_small_values(seed):

@@ -6,9 +6,11 @@ from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+import numpy as np
 import torch
 
 from ..chunks import CHUNK, scratch
+from ..outputs import OutputBuffers
 
 REQUIRED = object()
 
@@ -78,6 +80,7 @@ class TensorJob:
     load_dtype: torch.dtype | None = None  # the recipe's dtype: inputs are rounded to it first
     out_dtype: torch.dtype = torch.float32  # streaming methods write their output in this dtype
     pool: Executor | None = None  # runs map_chunks' and per-input work side by side; None: in order here
+    outputs: OutputBuffers | None = None  # recycled output buffers; None: fresh ones
 
     @property
     def shape(self) -> torch.Size:
@@ -155,17 +158,31 @@ class TensorJob:
 
     def empty_output(self) -> torch.Tensor:
         """A flat output buffer that streaming methods fill chunk by chunk."""
-        return torch.empty(self.numel, dtype=self.out_dtype, device=(self.base if self.base is not None
-                                                                      else self.tensors[0]).device)
+        device = (self.base if self.base is not None else self.tensors[0]).device
+        if self.outputs is not None:
+            return self.outputs.take(self.numel, self.out_dtype, device)
+        return torch.empty(self.numel, dtype=self.out_dtype, device=device)
 
-    def generator(self, index: int, chunk: int | None = None) -> torch.Generator:
-        """A generator private to (seed, tensor, input[, chunk]): results never depend on
-        scheduling, and per-chunk generators let chunks draw side by side."""
+    def stream_seed(self, index: int, chunk: int | None = None) -> int:
+        """The seed private to (seed, tensor, input[, chunk]): random draws never depend on
+        scheduling, and per-chunk streams let chunks draw side by side."""
         key = f"{self.seed}\0{self.name}\0{index}" + (f"\0{chunk}" if chunk is not None else "")
-        digest = hashlib.blake2b(key.encode(), digest_size=8).digest()
+        return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "little") & ((1 << 63) - 1)
+
+    def generator(self, index: int) -> torch.Generator:
+        """torch's generator for input `index` of this tensor (whole-tensor draws)."""
         gen = torch.Generator(device=self.tensors[0].device if self.tensors else "cpu")
-        gen.manual_seed(int.from_bytes(digest, "little") & ((1 << 63) - 1))
+        gen.manual_seed(self.stream_seed(index))
         return gen
+
+    def random_words(self, index: int, chunk: int, n: int, device: torch.device) -> torch.Tensor:
+        """n uniform 64-bit words (as int64) of the (seed, tensor, input, chunk) stream: numpy's
+        SFC64 seeded through SeedSequence, a stream numpy keeps stable across versions and
+        platforms. It is 3x faster than torch's mt19937 here, and draws without holding the GIL.
+        (Full-range `integers` is the raw stream; a test holds it to `random_raw`.)"""
+        rng = np.random.Generator(np.random.SFC64(self.stream_seed(index, chunk)))
+        words = rng.integers(0, 2**64 - 1, size=n, dtype=np.uint64, endpoint=True)
+        return torch.from_numpy(words.view(np.int64)).to(device)
 
 
 @dataclass(frozen=True)

@@ -18,11 +18,16 @@ from .base import TensorJob
 
 
 def masked(delta: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """delta * mask (bool or 0/1 uint8) in place, the same bits. A bool operand takes torch's slow
-    mixed-dtype path (~8x slower), so the mask is converted from uint8 first, into a reused buffer
+    """delta * mask (bool or 0/1 uint8) in place, the same bits."""
+    return delta.mul_(mask_factor(delta, mask))
+
+
+def mask_factor(delta: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """A mask (bool or 0/1 uint8) as 0/1 in delta's dtype and shape. A bool operand takes torch's
+    slow mixed-dtype path (~8x slower), so it is converted from uint8 first, into a reused buffer
     (a fresh one page-faults; delta is a chunk, at most CHUNK long)."""
     factor = scratch(1, delta.dtype, delta.device, "mask")[0][:delta.numel()].view(delta.shape)
-    return delta.mul_(factor.copy_(mask.view(torch.uint8)))
+    return factor.copy_(mask.view(torch.uint8))
 
 
 class Sparsifier:
@@ -40,9 +45,10 @@ class Sparsifier:
     def keep(self, sl: slice, delta: torch.Tensor) -> torch.Tensor:
         return delta
 
-    def keep_for_norm(self, sl: slice, magnitude: torch.Tensor) -> torch.Tensor:
-        """keep() in the L1 norm pass (a mask keeps |d| where it keeps d)."""
-        return self.keep(sl, magnitude)
+    def kept_l1(self, sl: slice, magnitude: torch.Tensor) -> float:
+        """The L1 norm of what keep() keeps of a chunk, from its |delta| (a mask keeps |d| where
+        it keeps d), in the norm pass; magnitude may be overwritten."""
+        return float(self.keep(sl, magnitude).sum())
 
     def apply(self, sl: slice, delta: torch.Tensor, weight: float = 1.0) -> torch.Tensor:
         """The kept entries of a chunk's delta, rescaled and weighted, in place (one pass for both)."""
@@ -66,7 +72,7 @@ def set_l1_scales(job: TensorJob, sparse: list[Sparsifier]) -> None:
         sums = []
         for i in inputs:
             magnitude = xs[i].sub_(base).abs_()
-            sums.append((float(magnitude.sum()), float(sparse[i].keep_for_norm(sl, magnitude).sum())))
+            sums.append((float(magnitude.sum()), sparse[i].kept_l1(sl, magnitude)))
         return sums
     parts = job.map_chunks(norms)
     for k, i in enumerate(inputs):
@@ -110,11 +116,11 @@ class Window(Sparsifier):
 
 class Bernoulli(Sparsifier):
     """DARE: keep each entry with probability density, drawn from the (tensor, input, chunk)
-    generator.
+    stream (TensorJob.random_words).
 
     An entry is kept when a uniform 15-bit integer is below round(density * 2**15), at most
-    2**15 - 1 (so the keep probability is density to within 2**-15): each 64-bit generator word
-    gives four draws (its top bit is always 0), a quarter of the generator work of float draws.
+    2**15 - 1 (so the keep probability is density to within 2**-15): each 64-bit word gives four
+    draws (the low 15 bits of each 16), a quarter of the generator work of float draws.
     The masks drawn for the L1 norm pass are kept for the merge pass instead of drawn twice.
     """
 
@@ -126,17 +132,16 @@ class Bernoulli(Sparsifier):
 
     def draw(self, sl: slice, device: torch.device) -> torch.Tensor:
         n = sl.stop - sl.start
-        gen = self.job.generator(self.input, sl.start // CHUNK)
-        words = torch.empty((n + 3) // 4, dtype=torch.int64, device=device).random_(generator=gen)
+        words = self.job.random_words(self.input, sl.start // CHUNK, (n + 3) // 4, device)
         return below(words.view(torch.int16)[:n].bitwise_and_(0x7FFF), self.threshold)
 
     def keep(self, sl, delta):
         mask = self.saved.pop(sl.start // CHUNK, None)  # each chunk merges once
         return masked(delta, mask if mask is not None else self.draw(sl, delta.device))
 
-    def keep_for_norm(self, sl, magnitude):
+    def kept_l1(self, sl, magnitude):
         mask = self.saved[sl.start // CHUNK] = self.draw(sl, magnitude.device)
-        return masked(magnitude, mask)
+        return float(torch.dot(magnitude.reshape(-1), mask_factor(magnitude, mask).reshape(-1)))  # one pass, not mul + sum
 
 
 class Della(Sparsifier):
