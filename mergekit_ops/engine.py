@@ -131,7 +131,10 @@ def _workers():
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # threads created from now on start with one thread per op
     try:
-        with ThreadPoolExecutor(max(1, min(4, os.cpu_count() or 1)), thread_name_prefix="mergekit-work") as pool:
+        # ...except in MKL's BLAS calls (torch.dot), which used two threads each until every
+        # worker set its own count: two workers' dot products then ran no faster than one's
+        with ThreadPoolExecutor(max(1, min(4, os.cpu_count() or 1)), thread_name_prefix="mergekit-work",
+                                initializer=torch.set_num_threads, initargs=(1,)) as pool:
             yield pool
     finally:
         torch.set_num_threads(threads)
