@@ -88,6 +88,20 @@ def test_dare_is_byte_identical_across_thread_counts(tmp_path, family):
     assert other_seed["model.safetensors"] != one["model.safetensors"]
 
 
+def test_worker_threads_compute_as_one_thread_does(seed):
+    """Dot products (model_stock's cosines, DARE's L1 norms) on the merge's workers give the bits
+    of a one-thread run, whatever the machine's core count (MKL once used every core per call)."""
+    a, b = torch.randn(1 << 20), torch.randn(1 << 20)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        expected = torch.dot(a, b)
+    finally:
+        torch.set_num_threads(threads)
+    with engine_module._workers() as pool:
+        assert torch.equal(pool.submit(torch.dot, a, b).result(), expected)
+
+
 def test_shards_and_index_cover_every_tensor(tmp_path, family):
     r = _recipe(tmp_path, {"merge_method": "task_arithmetic", "base_model": str(family["base"]),
                            "models": [{"model": str(family["m2"]), "parameters": {"weight": 1.0}}]})
