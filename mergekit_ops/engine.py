@@ -131,8 +131,9 @@ def _workers():
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # threads created from now on start with one thread per op
     try:
-        # ...except in MKL's BLAS calls (torch.dot), which used two threads each until every
-        # worker set its own count: two workers' dot products then ran no faster than one's
+        # ...except in MKL's BLAS calls (torch.dot), which used every core in each worker until
+        # the worker set its own count: two workers' dot products ran no faster than one's, and
+        # their rounding depended on the machine's core count
         with ThreadPoolExecutor(max(1, min(4, os.cpu_count() or 1)), thread_name_prefix="mergekit-work",
                                 initializer=torch.set_num_threads, initargs=(1,)) as pool:
             yield pool

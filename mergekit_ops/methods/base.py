@@ -104,12 +104,11 @@ class TensorJob:
         """fn over items on the pool (or in order here); results in item order."""
         return list(self.pool.map(fn, items) if self.pool is not None else map(fn, items))
 
-    def map_slices(self, fn: Callable[[slice], Any], size: int = CHUNK) -> list:
-        """fn(flat slice) for every chunk (of `size` elements), on the pool; results in chunk order."""
-        return self.map(lambda start: fn(slice(start, min(start + size, self.numel))), range(0, self.numel, size))
+    def map_slices(self, fn: Callable[[slice], Any]) -> list:
+        """fn(flat slice) for every chunk, on the pool; results in chunk order."""
+        return self.map(lambda start: fn(slice(start, min(start + CHUNK, self.numel))), range(0, self.numel, CHUNK))
 
-    def map_chunks(self, fn: Callable[[slice, list[torch.Tensor], torch.Tensor | None], Any],
-                   size: int = CHUNK) -> list:
+    def map_chunks(self, fn: Callable[[slice, list[torch.Tensor], torch.Tensor | None], Any]) -> list:
         """fn(flat slice, inputs, base) for every chunk, on the pool, in the compute dtype (scratch
         buffers, free to modify): fn must not depend on the order (write its own slice of the
         output, return partial sums). Returns fn's results in chunk order, so sums of them do not
@@ -120,7 +119,7 @@ class TensorJob:
             bufs = scratch(len(sources), self.compute_dtype, sources[0].device)
             views = [self._fill(buf[:sl.stop - sl.start], x[sl]) for buf, x in zip(bufs, sources)]
             return fn(sl, views, None) if self.base is None else fn(sl, views[:-1], views[-1])
-        return self.map_slices(run, size)
+        return self.map_slices(run)
 
     def weighted_sum(self, weights: list[float], base_weight: float = 0.0) -> torch.Tensor:
         """sum_i weights[i] * input_i + base_weight * base, in the output dtype, shaped.
