@@ -20,7 +20,7 @@ class OutputBuffers:
     def __init__(self):
         self.free: dict[tuple, list[torch.Tensor]] = {}
         self.free_bytes = 0
-        self.lent: dict[int, weakref.ref] = {}  # data pointer -> the buffer lent there (not kept alive)
+        self.lent = weakref.WeakValueDictionary()  # data pointer -> the buffer lent there, while it lives
 
     def take(self, numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         key = (numel, dtype, device)
@@ -30,7 +30,7 @@ class OutputBuffers:
             buf = torch.empty(numel, dtype=dtype, device=device)
         else:
             buf = self._pop(key)
-        self.lent[buf.data_ptr()] = weakref.ref(buf)
+        self.lent[buf.data_ptr()] = buf
         return buf
 
     def _pop(self, key: tuple) -> torch.Tensor:
@@ -44,8 +44,7 @@ class OutputBuffers:
     def give(self, t: torch.Tensor) -> None:
         """Take back a buffer lent by `take` (or a view of it) that nothing will read or write
         again; any other tensor is ignored."""
-        ref = self.lent.pop(t.data_ptr(), None)
-        buf = ref() if ref is not None else None
+        buf = self.lent.pop(t.data_ptr(), None)
         if buf is None or (t is not buf and t._base is not buf):
             return
         if self.free_bytes + buf.nbytes <= KEEP_BYTES:

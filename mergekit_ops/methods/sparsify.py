@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import torch
 
-from ..select import TopK, below, magnitude_bits
 from ..chunks import CHUNK, scratch
+from ..select import TopK, below, magnitude_bits
 from .base import TensorJob
 
 

@@ -16,10 +16,10 @@ from typing import Callable
 
 import torch
 
-from ..select import below
-from .sparsify import Bernoulli, Della, Magnitude, Sparsifier, Window, set_l1_scales
 from ..chunks import scratch
+from ..select import below
 from .base import Method, Param, TensorJob, in_range
+from .sparsify import Bernoulli, Della, Magnitude, Sparsifier, Window, set_l1_scales
 from .model_trim import plan_model_trim
 
 RESCALE = Param("rescale", kind=str, choices=("l1", "inverse_density", "none"),
