@@ -73,7 +73,7 @@ def _describe(exc: Exception, conf_dir: Path) -> str:
 def check(cfg: DictConfig, conf_dir: Path) -> Graph:
     """Everything that can be wrong before a byte is fetched: sources, recipes, names, cycles."""
     models = OmegaConf.to_container(cfg.models, resolve=True)
-    merges, sweeps = recipes(cfg, conf_dir)
+    merges, sweeps = expand_sweeps(OmegaConf.to_container(cfg.merges, resolve=True), conf_dir)  # once
     origin = {variant: name for name, sweep in sweeps.items() for variant in sweep["recipes"]}
     clash = sorted(set(models) & set(merges))
     if clash:
@@ -96,7 +96,7 @@ def check(cfg: DictConfig, conf_dir: Path) -> Graph:
             raise ConfigError(f"{where}: model '{unknown[0]}' is neither in conf/models nor conf/merges "
                               f"(known: {', '.join(sorted(models) + sorted(merges))})")
         inputs[name] = recipe.model_refs()
-    graph = Graph(models, inputs)
+    graph = Graph(models, inputs, merges, sweeps)
     graph.check_acyclic(conf_dir)
     build = None if cfg.build is None else [
         variant for name in cfg.build for variant in sweeps.get(name, {}).get("recipes", [name])]  # a sweep: all
@@ -105,11 +105,6 @@ def check(cfg: DictConfig, conf_dir: Path) -> Graph:
             raise ConfigError(f"{conf_dir / 'config.yaml'}: key 'build': no recipe conf/merges/{name}.yaml")
     check_evaluation(cfg, conf_dir, set(models) | set(merges))
     return graph.select(build)
-
-
-def recipes(cfg: DictConfig, conf_dir: Path) -> tuple[dict[str, dict], dict[str, dict]]:
-    """Every recipe body by name, sweeps expanded into their variants; and the sweeps."""
-    return expand_sweeps(OmegaConf.to_container(cfg.merges, resolve=True), conf_dir)
 
 
 def check_evaluation(cfg: DictConfig, conf_dir: Path, known: set[str]) -> None:
@@ -147,7 +142,7 @@ def _mergekit_body(body: dict) -> dict:
     return {k: v for k, v in body.items() if v is not None and k not in ("seed", "sweep", "description")}
 
 
-def resolved_params(cfg: DictConfig, graph: Graph, conf_dir: Path, pin: bool = True) -> dict:
+def resolved_params(cfg: DictConfig, graph: Graph, pin: bool = True) -> dict:
     """params.yaml: per model its source (pinned to the commit it resolves to); per merge its recipe;
     the evaluation suites; the publish targets whose model is built."""
     artifacts = cfg.paths.artifacts
@@ -157,10 +152,9 @@ def resolved_params(cfg: DictConfig, graph: Graph, conf_dir: Path, pin: bool = T
         if m["source"] == "hub" and pin:
             m["sha"] = resolve_revision(m["repo_id"], m["revision"])
         models[name] = m
-    bodies, sweeps = recipes(cfg, conf_dir)
     merges = {}
     for name in graph.merges:
-        body = bodies[name]
+        body = graph.recipes[name]
         merges[name] = {
             "recipe": _mergekit_body(body),
             "seed": body["seed"],
@@ -169,7 +163,7 @@ def resolved_params(cfg: DictConfig, graph: Graph, conf_dir: Path, pin: bool = T
     suites = {name: _without_description(body) for name, body in OmegaConf.to_container(cfg.suites).items()}
     publish = {name: _without_description(body) for name, body in OmegaConf.to_container(cfg.publish).items()
                if body["model"] in graph.merges}
-    sweeps = {name: sweep for name, sweep in sweeps.items() if set(sweep["recipes"]) <= set(graph.merges)}
+    sweeps = {name: sweep for name, sweep in graph.sweeps.items() if set(sweep["recipes"]) <= set(graph.merges)}
     baseline = cfg.evaluate.baseline  # compared with only when built (`build:` may leave it out)
     return {"artifacts": artifacts, "models": models, "merges": merges, "publish": publish, "sweeps": sweeps,
             "evaluate": {"baseline": baseline if baseline in graph.models + graph.merges else None, "suites": suites}}
@@ -197,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = compose(conf_dir, args.overrides)
         graph = check(cfg, conf_dir)
-        params = resolved_params(cfg, graph, conf_dir, pin=not args.check)
+        params = resolved_params(cfg, graph, pin=not args.check)
         dvc_yaml = GENERATED + render_dvc_yaml(graph, params, cfg, conf_dir, args.root)
         if args.check:
             current = (args.root / "dvc.yaml").read_text() if (args.root / "dvc.yaml").is_file() else ""

@@ -18,7 +18,6 @@ from .built import base_of
 from .errors import ConfigError
 
 
-
 def code_deps(module: str) -> list[str]:
     """The files a stage's code is made of: stages/<module>.py and every project module it imports,
     transitively, read from its import statements (lazy ones included), so a stage reruns when
@@ -55,10 +54,13 @@ def _code_deps(module: str) -> tuple[str, ...]:
 
 
 class Graph:
-    """Source models and merges; `inputs[merge]` lists what the merge reads, by name."""
+    """Source models and merges; `inputs[merge]` lists what the merge reads, by name; `recipes`
+    and `sweeps` are the recipe bodies and sweeps of conf/merges, sweeps expanded once."""
 
-    def __init__(self, sources: dict[str, dict], inputs: dict[str, list[str]]):
+    def __init__(self, sources: dict[str, dict], inputs: dict[str, list[str]],
+                 recipes: dict[str, dict] | None = None, sweeps: dict[str, dict] | None = None):
         self.sources, self.inputs = sources, inputs
+        self.recipes, self.sweeps = recipes or {}, sweeps or {}
         self.models = sorted(sources)
         self.merges = sorted(inputs)
 
@@ -98,7 +100,8 @@ class Graph:
 
         for name in sorted(wanted):
             visit(name)
-        graph = Graph({m: self.sources[m] for m in models}, {m: self.inputs[m] for m in order})
+        graph = Graph({m: self.sources[m] for m in models}, {m: self.inputs[m] for m in order},
+                      {m: self.recipes[m] for m in order if m in self.recipes}, self.sweeps)
         graph.merges = order
         return graph
 

@@ -44,7 +44,7 @@ def test_composes_models_and_merges_into_a_typed_config(tmp_path):
     assert cfg.models.a.revision == "main" and cfg.merges.soup.seed == 0
     graph = compose.check(cfg, conf)
     assert graph.merges == ["soup", "again"]  # dependency order
-    params = compose.resolved_params(cfg, graph, conf)
+    params = compose.resolved_params(cfg, graph)
     assert params["merges"]["again"]["inputs"] == {"soup": "artifacts/merges/soup", "a": "x/a"}  # local: in place
     assert "seed" not in params["merges"]["soup"]["recipe"]
 
@@ -95,7 +95,7 @@ def test_interpolations_resolve_and_a_broken_one_names_its_file(tmp_path, capsys
     conf = _conf(tmp_path, MODELS, {"soup": {**_soup("a", "b"), "seed": "${merges.other.seed}"},
                                     "other": {**_soup("a"), "seed": 7}})
     cfg = compose.compose(conf)
-    assert compose.resolved_params(cfg, compose.check(cfg, conf), conf)["merges"]["soup"]["seed"] == 7
+    assert compose.resolved_params(cfg, compose.check(cfg, conf))["merges"]["soup"]["seed"] == 7
     conf = _conf(tmp_path / "2", MODELS, {"soup": {**_soup("a"), "description": "${nowhere}"}})
     assert compose.main(["--root", str(tmp_path / "2")]) == 2
     assert "conf/merges/soup.yaml: key 'description'" in capsys.readouterr().err
@@ -117,7 +117,7 @@ def test_sweep_builds_one_recipe_per_value_and_a_curve_stage(tmp_path):
     graph = compose.check(cfg, conf)
     assert set(graph.merges) == {"mix", "ta-1", "ta-2", "w-1"}
     assert graph.merges.index("ta-2") < graph.merges.index("mix")  # a variant is a recipe like any other
-    params = compose.resolved_params(cfg, graph, conf)
+    params = compose.resolved_params(cfg, graph)
     assert [params["merges"][f"ta-{i}"]["recipe"]["parameters"]["lambda"] for i in (1, 2)] == [0.5, 1.5]
     assert params["merges"]["w-1"]["recipe"]["models"][0]["parameters"]["weight"] == 2.0
     assert "sweep" not in params["merges"]["ta-1"]["recipe"]

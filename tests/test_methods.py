@@ -169,7 +169,7 @@ def test_dare_draws_come_from_the_stable_sfc64_stream(seed):
     versions and platforms): an entry is kept when its 15-bit lane of the chunk's stream is
     below density * 2**15."""
     n = CHUNK + int(torch.randint(1, 5000, ()))  # two chunks, the second partial
-    x = torch.randn(n)
+    x = torch.empty(n).uniform_(0.5, 1.5)  # no zeros: a kept entry is a nonzero one (randn gave 0.0 once)
     density = float(torch.empty(()).uniform_(0.1, 0.9))
     job = _job("dare_linear", [x], torch.zeros(n), [{"weight": 1.0, "density": density}], rescale="none")
     kept = METHODS["dare_linear"].merge(job) != 0

@@ -121,6 +121,15 @@ class TensorJob:
             return fn(sl, views, None) if self.base is None else fn(sl, views[:-1], views[-1])
         return self.map_slices(run)
 
+    def sum_chunks(self, fn: Callable[[slice, list[torch.Tensor], torch.Tensor | None], list[float]],
+                   n: int) -> list[float]:
+        """Totals of the n partial sums fn returns per chunk (map_chunks), added in chunk order as
+        one pass would add them, so they do not depend on the schedule."""
+        totals = [0.0] * n
+        for part in self.map_chunks(fn):
+            totals = [t + p for t, p in zip(totals, part)]
+        return totals
+
     def weighted_sum(self, weights: list[float], base_weight: float = 0.0) -> torch.Tensor:
         """sum_i weights[i] * input_i + base_weight * base, in the output dtype, shaped.
 

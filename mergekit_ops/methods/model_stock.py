@@ -32,9 +32,8 @@ def merge_model_stock(job: TensorJob) -> torch.Tensor:
         offsets = [x.sub_(base) for x in xs]
         return [float(torch.dot(offsets[i], offsets[j])) for i, j in upper]
     dots = torch.zeros(n, n, dtype=torch.float64)
-    for part in job.map_chunks(chunk_dots):  # in chunk order, as one pass would add them
-        for (i, j), v in zip(upper, part):
-            dots[i, j] += v
+    for (i, j), v in zip(upper, job.sum_chunks(chunk_dots, len(upper))):
+        dots[i, j] = v
     norms = dots.diagonal().sqrt()
     cos = torch.stack([_cos(dots[i, j], norms[i] * norms[j]) for i, j in pairs]).mean()
     t = float(stock_ratio(n, cos))

@@ -28,11 +28,8 @@ def slerp_coefficients(t: float, sq0: float, sq1: float, dot: float) -> tuple[fl
 
 def merge_slerp(job: TensorJob) -> torch.Tensor:
     """Two streamed passes: norms and dot product (float64 sums), then the interpolation."""
-    sums = job.map_chunks(lambda sl, xs, base: (float(torch.dot(base, base)), float(torch.dot(xs[0], xs[0])),
-                                                float(torch.dot(base, xs[0]))))
-    sq0 = sq1 = dot = 0.0
-    for a, b, c in sums:  # in chunk order, as one pass would add them
-        sq0, sq1, dot = sq0 + a, sq1 + b, dot + c
+    sq0, sq1, dot = job.sum_chunks(lambda sl, xs, base: (float(torch.dot(base, base)), float(torch.dot(xs[0], xs[0])),
+                                                         float(torch.dot(base, xs[0]))), 3)
     c0, c1 = slerp_coefficients(job.params["t"], sq0, sq1, dot)
     return job.weighted_sum([c1], c0)
 

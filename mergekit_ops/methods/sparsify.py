@@ -36,11 +36,7 @@ class Sparsifier:
 
     scale = 1.0
     l1 = False  # rescale to the delta's L1 norm: set_l1_scales sets `scale`
-
-    @property
-    def sparsifies(self) -> bool:
-        """False for this identity (every subclass drops entries), so a merge may skip deltas."""
-        return type(self) is not Sparsifier
+    sparsifies = False  # True where entries may be dropped; a merge of none may skip the deltas
 
     def keep(self, sl: slice, delta: torch.Tensor) -> torch.Tensor:
         return delta
@@ -68,15 +64,15 @@ def set_l1_scales(job: TensorJob, sparse: list[Sparsifier]) -> None:
     if not inputs:
         return
 
-    def norms(sl, xs, base):
+    def norms(sl, xs, base):  # per input: the L1 norms of its delta and of what it keeps
         sums = []
         for i in inputs:
             magnitude = xs[i].sub_(base).abs_()
-            sums.append((float(magnitude.sum()), sparse[i].kept_l1(sl, magnitude)))
+            sums += [float(magnitude.sum()), sparse[i].kept_l1(sl, magnitude)]
         return sums
-    parts = job.map_chunks(norms)
+    totals = job.sum_chunks(norms, 2 * len(inputs))
     for k, i in enumerate(inputs):
-        before, after = sum(p[k][0] for p in parts), sum(p[k][1] for p in parts)
+        before, after = totals[2 * k], totals[2 * k + 1]
         sparse[i].scale = before / after if before >= 1e-7 and after >= 1e-7 else 1.0
 
 
@@ -87,6 +83,8 @@ def magnitudes(job: TensorJob, i: int):
 
 class Magnitude(Sparsifier):
     """Keep the k = max(1, floor(density * numel)) largest magnitudes (ties by lowest index)."""
+
+    sparsifies = True
 
     def __init__(self, job: TensorJob, i: int, density: float, mode: str, k: int | None = None):
         k = max(1, int(density * job.numel)) if k is None else k
@@ -100,6 +98,8 @@ class Magnitude(Sparsifier):
 class Window(Sparsifier):
     """Breadcrumbs: drop the floor(gamma * n) largest (fewer if density + gamma > 1) and the smallest;
     keep floor(density * n)."""
+
+    sparsifies = True
 
     def __init__(self, job: TensorJob, i: int, density: float, gamma: float, mode: str):
         n = job.numel
@@ -123,6 +123,8 @@ class Bernoulli(Sparsifier):
     draws (the low 15 bits of each 16), a quarter of the generator work of float draws.
     The masks drawn for the L1 norm pass are kept for the merge pass instead of drawn twice.
     """
+
+    sparsifies = True
 
     def __init__(self, job: TensorJob, i: int, density: float, mode: str):
         self.job, self.input = job, i
@@ -148,6 +150,8 @@ class Della(Sparsifier):
     """MAGPRUNE: along dim 1, keep probability rises linearly with magnitude rank, from
     density - epsilon (smallest) to density + epsilon (largest). 'inverse_density' divides each
     survivor by its own keep probability, as the DELLA paper does; 'l1' is mergekit's."""
+
+    sparsifies = True
 
     def __init__(self, job: TensorJob, i: int, density: float, epsilon: float, mode: str):
         delta = job.convert(job.tensors[i]) - job.convert(job.base)

@@ -11,7 +11,7 @@ paper) instead of matching the L1 norm (mergekit; `true` means l1, `false` none)
 """
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Callable
 
 import torch
@@ -30,17 +30,26 @@ ONE = torch.tensor(1.0)
 DENSITY = Param("density", 1.0, float, check=in_range(0.0, 1.0, lo_open=True))
 
 
-def generalized_merge(job: TensorJob, sparsifier: Callable | None, consensus: bool) -> torch.Tensor:
-    """Streams the tensor in chunks: sparsifiers make their passes first (chunks side by side on
-    the pool, one input after another), then one pass merges, chunks side by side."""
+@dataclass(frozen=True)
+class Sparsify:
+    """How a method sparsifies: build(job, input index, model params, rescale mode) gives one
+    input's Sparsifier. Chunked builds use the pool chunk by chunk, one input after another; a
+    whole-tensor build (DELLA's ranking) cannot, so inputs are built side by side instead."""
+
+    build: Callable[[TensorJob, int, dict, str], Sparsifier]
+    whole_tensor: bool = False
+
+
+def generalized_merge(job: TensorJob, sparsify: Sparsify | None, consensus: bool) -> torch.Tensor:
+    """Streams the tensor in chunks: sparsifiers make their passes first, then one pass merges,
+    chunks side by side."""
     if not job.tensors:
         return job.convert(job.base)
     mode = job.params["rescale"]
     weights = [p["weight"] for p in job.model_params]
-    build = lambda ip: sparsifier(job, *ip, mode) if sparsifier else Sparsifier()  # noqa: E731
+    build = lambda ip: sparsify.build(job, *ip, mode) if sparsify else Sparsifier()  # noqa: E731
     inputs = list(enumerate(job.model_params))
-    # DELLA ranks whole tensors: one input per pool thread; the other passes use the pool chunk by chunk
-    sparse = job.map(build, inputs) if sparsifier is _della else [build(ip) for ip in inputs]
+    sparse = job.map(build, inputs) if sparsify and sparsify.whole_tensor else [build(ip) for ip in inputs]
     normalize, lam = job.params["normalize"], job.params["lambda"]
     total_weight = sum(weights) if abs(sum(weights)) >= 1e-8 else 1.0
     if not consensus and not any(s.sparsifies for s in sparse):
@@ -54,7 +63,7 @@ def generalized_merge(job: TensorJob, sparsifier: Callable | None, consensus: bo
         deltas = [s.apply(sl, x.sub_(base), w) for s, x, w in zip(sparse, xs, weights)]
         scale = lam
         if consensus and normalize:
-            sign, mix, divisor = (b[:base.numel()] for b in scratch(3, base.dtype, base.device, "consensus"))
+            sign, mix, divisor = (b[:base.numel()] for b in scratch(3, base.dtype, base.device, "election"))
             sign.copy_(deltas[0])
             for d in deltas[1:]:
                 sign += d
@@ -90,7 +99,7 @@ def ones_where_zero(x: torch.Tensor) -> torch.Tensor:
     sign bit are below 1 exactly at +-0 (a float comparison and masked_fill cost five times more)."""
     ints = x.view(INT_VIEWS[x.element_size()])
     magnitude = torch.bitwise_and(ints, (1 << (8 * x.element_size() - 1)) - 1,
-                                  out=scratch(1, ints.dtype, x.device, "consensus")[0][:x.numel()])
+                                  out=scratch(1, ints.dtype, x.device, "nonzero")[0][:x.numel()])
     return x.add_(scratch(1, x.dtype, x.device, "zero")[0][:x.numel()].copy_(below(magnitude, 1)))
 
 
@@ -99,7 +108,7 @@ def agreeing_sum(deltas: list[torch.Tensor]) -> torch.Tensor:
     -0.0 only when every delta is zero): T + copysign(A, T) with T = sum d_i and A = sum |d_i|,
     since an agreeing entry adds |d| to both and a disagreeing one cancels. Half the passes of
     masking each delta; the deltas are overwritten."""
-    total = scratch(1, deltas[0].dtype, deltas[0].device, "consensus")[0][:deltas[0].numel()].copy_(deltas[0])
+    total = scratch(1, deltas[0].dtype, deltas[0].device, "agreeing")[0][:deltas[0].numel()].copy_(deltas[0])
     for d in deltas[1:]:
         total += d
     magnitude = deltas[0].abs_()
@@ -127,13 +136,17 @@ def _della(job, i, p, mode):
     return Della(job, i, p["density"], p["epsilon"], mode) if p["density"] < 1 else Sparsifier()
 
 
-def _family(name: str, sparsifier, consensus: bool, normalize: bool, rescale: str, extra=(),
+MAGNITUDE, BERNOULLI, BREADCRUMBS = Sparsify(_magnitude), Sparsify(_bernoulli), Sparsify(_breadcrumbs)
+DELLA = Sparsify(_della, whole_tensor=True)
+
+
+def _family(name: str, sparsify: Sparsify | None, consensus: bool, normalize: bool, rescale: str, extra=(),
             scoped=False, doc="") -> Method:
     params = COMMON + (Param("normalize", normalize, bool), replace(RESCALE, default=rescale))
     if scoped:
         params += (Param("trim_scope", "tensor", str, choices=("tensor", "model")),)
     return Method(
-        name, lambda job: generalized_merge(job, sparsifier, consensus),
+        name, lambda job: generalized_merge(job, sparsify, consensus),
         params=params, model_params=(WEIGHT, DENSITY) + extra,
         base="required", min_models=1, doc=doc,
         check=_check_epsilon if EPSILON in extra else None,
@@ -154,17 +167,17 @@ EPSILON = Param("epsilon", 0.15, float, check=in_range(0.0, 1.0))
 
 METHODS = [
     _family("task_arithmetic", None, False, False, "none", doc="base + lambda * sum(w_i * (x_i - base))."),
-    _family("ties", _magnitude, True, True, "none", scoped=True,
+    _family("ties", MAGNITUDE, True, True, "none", scoped=True,
             doc="TIES: trim to the top `density` magnitudes, elect signs, disjoint mean."),
-    _family("dare_linear", _bernoulli, False, False, "l1",
+    _family("dare_linear", BERNOULLI, False, False, "l1",
             doc="DARE: random drop with keep probability `density`, rescale, weighted sum."),
-    _family("dare_ties", _bernoulli, True, False, "l1", doc="DARE drop + TIES sign election."),
-    _family("breadcrumbs", _breadcrumbs, False, False, "none", (GAMMA,),
+    _family("dare_ties", BERNOULLI, True, False, "l1", doc="DARE drop + TIES sign election."),
+    _family("breadcrumbs", BREADCRUMBS, False, False, "none", (GAMMA,),
             doc="Model Breadcrumbs: drop the largest `gamma` and smallest entries, keep `density`."),
-    _family("breadcrumbs_ties", _breadcrumbs, True, False, "none", (GAMMA,),
+    _family("breadcrumbs_ties", BREADCRUMBS, True, False, "none", (GAMMA,),
             doc="Breadcrumbs + TIES sign election."),
-    _family("della", _della, True, True, "l1", (EPSILON,),
+    _family("della", DELLA, True, True, "l1", (EPSILON,),
             doc="DELLA: magnitude-ranked keep probabilities in [density-epsilon, density+epsilon], sign election."),
-    _family("della_linear", _della, False, False, "l1", (EPSILON,),
+    _family("della_linear", DELLA, False, False, "l1", (EPSILON,),
             doc="DELLA drop without sign election."),
 ]
