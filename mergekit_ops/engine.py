@@ -43,6 +43,9 @@ class MergeOptions:
     compute_dtype: torch.dtype = torch.float32
     read_ahead_bytes: int = 256 * 2**20
     progress: Callable[[int, int, int], None] | None = None  # (tensors done, total, bytes written)
+    # a dict to fill with the output's weight files' sha256, by file name, hashed as they are written
+    # (cleared first; a multi-document recipe leaves the final output's)
+    sha256: dict[str, str] | None = None
     pool: Executor | None = None  # set by execute: the merge's worker threads
     outputs: OutputBuffers | None = None  # set by execute: output buffers recycled once written
 
@@ -96,8 +99,10 @@ def execute(plan: MergePlan, out_dir: Path, options: MergeOptions) -> Path:
     tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
+    if options.sha256 is not None:
+        options.sha256.clear()
     writer = ShardWriter(tmp, plan_shards([(t.name, t.out_dtype, t.shape) for t in plan.tasks],
-                                          options.out_shard_size))
+                                          options.out_shard_size), sha256=options.sha256)
     try:
         write_side_files(plan, tmp, options.copy_tokenizer)
         extras = {}

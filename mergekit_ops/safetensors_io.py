@@ -7,6 +7,7 @@ tensor exists, so tensors stream straight to disk and no shard buffer is held.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import mmap
 import os
@@ -178,9 +179,12 @@ def plan_shards(tensors: list[tuple[str, torch.dtype, tuple[int, ...]]], max_byt
 
 
 class ShardWriter:
-    """Streams tensors, in the planned order, into pre-planned shard files."""
+    """Streams tensors, in the planned order, into pre-planned shard files; with `sha256` (a dict),
+    records each finished file's sha256 there by file name, hashed as written (the files are
+    written with O_DIRECT, so hashing them afterwards would read them back from disk)."""
 
-    def __init__(self, out_dir: Path, shards: list[ShardPlan], metadata: dict[str, str] | None = None):
+    def __init__(self, out_dir: Path, shards: list[ShardPlan], metadata: dict[str, str] | None = None,
+                 sha256: dict[str, str] | None = None):
         self.out_dir = Path(out_dir)
         self.shards = shards
         self.metadata = {"format": "pt", **(metadata or {})}
@@ -188,6 +192,7 @@ class ShardWriter:
         self._pos = 0
         self._file = None
         self._shard = None
+        self.sha256, self._hash = sha256, None
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
         shard, want, dtype, shape = self._order[self._pos]
@@ -197,10 +202,15 @@ class ShardWriter:
             self._close_file()
             self._shard = shard
             self._file = SequentialFile(self.out_dir / shard.filename)
-            self._file.write(memoryview(shard.header_bytes(self.metadata)))
-        data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
-        self._file.write(memoryview(data))
+            self._hash = hashlib.sha256() if self.sha256 is not None else None
+            self._put(memoryview(shard.header_bytes(self.metadata)))
+        self._put(memoryview(tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()))
         self._pos += 1
+
+    def _put(self, data: memoryview) -> None:
+        self._file.write(data)
+        if self._hash is not None:
+            self._hash.update(data)  # releases the GIL for large buffers
 
     def close(self) -> None:
         if self._pos != len(self._order):
@@ -222,6 +232,8 @@ class ShardWriter:
         if self._file is not None:
             self._file.close()
             self._file = None
+            if self._hash is not None:
+                self.sha256[self._shard.filename] = self._hash.hexdigest()
 
 
 class SequentialFile:

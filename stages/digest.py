@@ -31,6 +31,17 @@ def artifact_files(directory: Path) -> list[str]:
             if p.is_file() and not any(part.startswith(".") for part in p.relative_to(directory).parts)]
 
 
+def remember(directory: Path, sums: dict[str, str], cache_file: Path = CACHE) -> None:
+    """Put sha256 sums known from writing the files (relative path -> hex) in the cache, stamped
+    with the files as they are now, so directory_digest does not read them again."""
+    cache = _load(cache_file)
+    for rel, sha in sums.items():
+        path = Path(directory) / rel
+        st = path.stat()
+        cache[str(path.resolve())] = [st.st_size, st.st_mtime_ns, st.st_ino, sha]
+    _save(cache_file, cache)
+
+
 def directory_digest(directory: Path, cache_file: Path = CACHE) -> str:
     """'sha256:<hex>' of every file of the artifact (see artifact_files)."""
     directory = Path(directory)

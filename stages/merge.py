@@ -19,6 +19,7 @@ from mergekit_ops.recipe import parse_recipe
 
 from . import tracking
 from .cli import in_section, run_stage
+from .digest import remember
 from .errors import LineageError
 
 
@@ -31,12 +32,14 @@ def build(name: str, params: dict, progress: bool = False) -> Path:
     out = Path(params["artifacts"]) / "merges" / name
     tracking.connect()
     bar = ProgressBar() if progress else None
+    sums: dict[str, str] = {}  # the weights' sha256, taken as they are written: the digest need not read them
     try:
-        merge(recipe, out, MergeOptions(seed=spec["seed"], progress=bar))
+        merge(recipe, out, MergeOptions(seed=spec["seed"], progress=bar, sha256=sums))
     finally:
         if bar:
             bar.close()
     try:
+        remember(out, sums)
         tracking.ensure(name, params)
     except BaseException:
         shutil.rmtree(out, ignore_errors=True)

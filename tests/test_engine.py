@@ -118,6 +118,15 @@ def test_shards_and_index_cover_every_tensor(tmp_path, family):
     assert (out / "config.json").is_file() and (out / "tokenizer.json").is_file()
 
 
+def test_weight_files_are_hashed_as_written(tmp_path, family):
+    r = _recipe(tmp_path, {"merge_method": "task_arithmetic", "base_model": str(family["base"]),
+                           "models": [{"model": str(family["m2"]), "parameters": {"weight": 1.0}}]})
+    sums = {"stale.safetensors": "0" * 64}  # left from another merge: cleared
+    out = merge(r, tmp_path / "out", MergeOptions(out_shard_size=2000, sha256=sums))
+    files = {f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in out.glob("*.safetensors")}
+    assert len(files) > 2 and sums == files
+
+
 def test_interrupted_merge_leaves_no_finished_output(tmp_path, family, monkeypatch):
     r = _recipe(tmp_path, {"merge_method": "linear", "models": [
         {"model": str(family[m]), "parameters": {"weight": 1.0}} for m in ("m0", "m1")]})

@@ -8,7 +8,7 @@ from pathlib import Path
 import mlflow
 import pytest
 
-from stages import lineage, tracking
+from stages import digest, lineage, tracking
 from stages.digest import directory_digest
 from stages.errors import LineageError
 from stages.merge import build
@@ -56,6 +56,20 @@ def test_merge_of_merges_reads_back_to_hub_and_local_sources(params, family, cap
     assert run.data.params["recipe.merge_method"] == "linear" and run.data.params["recipe.models.1.model"] == "m2"
     assert run.data.tags["mergeforge.method"] == "linear" and run.data.tags["mergeforge.dvc_stage"] == "merge-abc"
     assert len(run.data.tags["mergeforge.git_commit"]) in (40, len("unknown"))
+
+
+def test_a_merge_is_digested_from_the_sums_taken_as_it_was_written(params, tmp_path, monkeypatch):
+    read = []
+    real = digest.file_sha256
+    monkeypatch.setattr(digest, "file_sha256", lambda path: read.append(Path(path).resolve()) or real(path))
+    build("ab", params)
+    out = Path("artifacts/merges/ab").resolve()
+    ours = [p.name for p in read if p.parent == out]
+    assert ours and not any(name.endswith(".safetensors") for name in ours)  # config etc. only
+    read.clear()
+    fresh = directory_digest(out, tmp_path / "empty-cache.json")
+    assert any(p.suffix == ".safetensors" for p in read)  # this one read the weights
+    assert tracking.find("ab", fresh) is not None  # recorded under the digest of the files' contents
 
 
 def test_records_are_found_again_and_a_fresh_store_is_filled_from_params(params, tmp_path, monkeypatch,
