@@ -22,7 +22,7 @@ from .checkpoint import Checkpoint
 from .errors import MergeError
 from .files import write_side_files
 from .chunks import CHUNK, scratch
-from .methods.base import TensorJob
+from .methods.job import TensorJob
 from .outputs import OutputBuffers
 from .plan import MergePlan, TensorTask, build_plan
 from .recipe import Recipe, load_recipes

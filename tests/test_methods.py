@@ -8,7 +8,8 @@ import torch
 
 from mergekit_ops.chunks import CHUNK
 from mergekit_ops.methods import METHODS
-from mergekit_ops.methods.base import REQUIRED, TensorJob
+from mergekit_ops.methods.base import REQUIRED
+from mergekit_ops.methods.job import TensorJob
 
 SHAPE = (12, 10)
 
@@ -291,5 +292,5 @@ def test_streamed_methods_do_not_depend_on_chunk_boundaries(method, params, mode
     uses_base = method != "linear"
     args = (xs, base if uses_base else None, [dict(model_params) for _ in xs])
     whole = _run(method, *args, **params)
-    monkeypatch.setattr("mergekit_ops.methods.base.CHUNK", 7)
+    monkeypatch.setattr("mergekit_ops.methods.job.CHUNK", 7)
     torch.testing.assert_close(_run(method, *args, **params), whole, atol=1e-6, rtol=1e-5)

@@ -1,4 +1,8 @@
 """Recipe parsing: mergekit syntax accepted, every mistake named by file and key."""
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 
 from mergekit_ops.errors import RecipeError
@@ -135,3 +139,14 @@ models: [{model: x, parameters: {weight: 1}}]
 def test_two_unnamed_documents_are_ambiguous(tmp_path):
     doc = "merge_method: linear\nmodels: [{model: a, parameters: {weight: 1}}]\n"
     assert "only one document" in _error(tmp_path, doc + "---\n" + doc)
+
+
+def test_recipes_are_checked_without_importing_torch(tmp_path):
+    """compose checks every recipe on each `dvc repro`: importing torch would cost it 1.4 s."""
+    path = write_recipe(tmp_path / "recipe.yml", TIES)
+    code = ("import sys, stages.compose; from mergekit_ops.recipe import load_recipes; "
+            f"load_recipes({str(path)!r}); print(sorted(m for m in sys.modules if m.split('.')[0] == 'torch'))")
+    run = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1],
+                         capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip() == "[]"

@@ -5,7 +5,7 @@ import itertools
 
 import torch
 
-from .base import Method, Param, TensorJob
+from .job import TensorJob
 
 
 def stock_ratio(n: int, cos: torch.Tensor) -> torch.Tensor:
@@ -43,10 +43,3 @@ def merge_model_stock(job: TensorJob) -> torch.Tensor:
 def _cos(dot: torch.Tensor, norm_product: torch.Tensor) -> torch.Tensor:
     return (dot / norm_product.clamp_min(1e-6)).clamp(-1, 1)
 
-
-METHOD = Method(
-    "model_stock", merge_model_stock,
-    params=(Param("filter_wise", False, bool),),
-    base="required", min_models=2,
-    doc="Model Stock: interpolate from the base towards the mean of the models by their agreement.",
-)

@@ -18,7 +18,6 @@ from ..errors import RecipeError
 from ..select import HI_BINS, LO_BINS, cut_histogram, magnitude_bits
 
 
-
 def plan_model_trim(tasks: list, load: Callable[[object], tuple[list[torch.Tensor], torch.Tensor]],
                     source: str) -> dict[str, dict]:
     """Return {tensor name: {"trim_k": {input index: k}}} for tasks that use trim_scope: model."""

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import Method, Param, TensorJob
+from .job import TensorJob
 
 
 def merge_nearswap(job: TensorJob) -> torch.Tensor:
@@ -15,10 +15,3 @@ def merge_nearswap(job: TensorJob) -> torch.Tensor:
     job.map_chunks(merge_chunk)
     return out.view(job.shape)
 
-
-METHOD = Method(
-    "nearswap", merge_nearswap,
-    params=(Param("t", kind=float),),
-    base="required", min_models=1, max_models=1,
-    doc="Interpolate towards the other model by clamp(t / |base - x|, 0, 1) per element.",
-)

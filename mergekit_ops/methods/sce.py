@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from ..select import top_k_mask
-from .base import Method, Param, TensorJob, in_range
+from .job import TensorJob
 
 
 def merge_sce(job: TensorJob) -> torch.Tensor:
@@ -23,10 +23,3 @@ def merge_sce(job: TensorJob) -> torch.Tensor:
     w = weights.reshape(-1, *([1] * (deltas.dim() - 1))) * agree
     return base + (w * deltas).sum(0) / w.sum(0).clamp_min(1e-6)
 
-
-METHOD = Method(
-    "sce", merge_sce,
-    params=(Param("select_topk", 1.0, float, check=in_range(0.0, 1.0)), Param("int8_mask", False, bool)),
-    base="required", min_models=1,
-    doc="SCE: keep the select_topk share of highest-variance positions, energy weights, TIES sign mask.",
-)

@@ -5,7 +5,7 @@ import math
 
 import torch
 
-from .base import Method, Param, TensorJob, in_range
+from .job import TensorJob
 
 DOT_THRESHOLD = 0.9995
 EPS = 1e-8
@@ -33,10 +33,3 @@ def merge_slerp(job: TensorJob) -> torch.Tensor:
     c0, c1 = slerp_coefficients(job.params["t"], sq0, sq1, dot)
     return job.weighted_sum([c1], c0)
 
-
-METHOD = Method(
-    "slerp", merge_slerp,
-    params=(Param("t", kind=float, check=in_range(0.0, 1.0)),),
-    base="required", min_models=1, max_models=1,
-    doc="Spherical interpolation of two models; t=0 gives the base, t=1 the other.",
-)

@@ -14,7 +14,7 @@ import torch
 
 from ..chunks import CHUNK, scratch
 from ..select import TopK, below, magnitude_bits
-from .base import TensorJob
+from .job import TensorJob
 
 
 def masked(delta: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

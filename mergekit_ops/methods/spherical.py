@@ -6,7 +6,7 @@ import math
 import torch
 
 from ..errors import MergeError
-from .base import Method, Param, TensorJob
+from .job import TensorJob
 
 
 def _pairwise_slerp(t: float, v0: torch.Tensor, v1: torch.Tensor) -> torch.Tensor:
@@ -98,19 +98,3 @@ def merge_karcher(job: TensorJob) -> torch.Tensor:
     scale = sum(norms) / len(vecs)
     return (mean * scale).reshape(job.shape)
 
-
-WEIGHT = Param("weight", kind=float)
-METHODS = [
-    Method("nuslerp", merge_nuslerp,
-           params=(Param("nuslerp_flatten", True, bool), Param("nuslerp_row_wise", False, bool)),
-           model_params=(WEIGHT,), base="optional", min_models=2, max_models=2,
-           doc="Slerp of two models (or their task vectors over a base) at t = w1 / (w0 + w1)."),
-    Method("multislerp", merge_multislerp,
-           params=(Param("normalize_weights", True, bool), Param("eps", 1e-8, float)),
-           model_params=(WEIGHT,), base="optional", min_models=1,
-           doc="Weighted spherical mean of any number of models (task vectors with a base)."),
-    Method("karcher", merge_karcher,
-           params=(Param("max_iter", 10, int), Param("tol", 1e-5, float)),
-           base="input", min_models=1,
-           doc="Karcher mean of the models on the sphere, equal weights."),
-]

@@ -11,23 +11,17 @@ paper) instead of matching the L1 norm (mergekit; `true` means l1, `false` none)
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
 
 from ..chunks import scratch
 from ..select import below
-from .base import Method, Param, TensorJob, in_range
+from .job import TensorJob
 from .sparsify import Bernoulli, Della, Magnitude, Sparsifier, Window, set_l1_scales
-from .model_trim import plan_model_trim
 
-RESCALE = Param("rescale", kind=str, choices=("l1", "inverse_density", "none"),
-                aliases=((True, "l1"), (False, "none")))
-COMMON = (Param("lambda", 1.0, float), Param("int8_mask", False, bool))
-WEIGHT = Param("weight", kind=float)
 ONE = torch.tensor(1.0)
-DENSITY = Param("density", 1.0, float, check=in_range(0.0, 1.0, lo_open=True))
 
 
 @dataclass(frozen=True)
@@ -140,44 +134,34 @@ MAGNITUDE, BERNOULLI, BREADCRUMBS = Sparsify(_magnitude), Sparsify(_bernoulli), 
 DELLA = Sparsify(_della, whole_tensor=True)
 
 
-def _family(name: str, sparsify: Sparsify | None, consensus: bool, normalize: bool, rescale: str, extra=(),
-            scoped=False, doc="") -> Method:
-    params = COMMON + (Param("normalize", normalize, bool), replace(RESCALE, default=rescale))
-    if scoped:
-        params += (Param("trim_scope", "tensor", str, choices=("tensor", "model")),)
-    return Method(
-        name, lambda job: generalized_merge(job, sparsify, consensus),
-        params=params, model_params=(WEIGHT, DENSITY) + extra,
-        base="required", min_models=1, doc=doc,
-        check=_check_epsilon if EPSILON in extra else None,
-        prepare=plan_model_trim if scoped else None,
-    )
+# the family's members (their parameters and defaults: methods/__init__.py)
+def merge_task_arithmetic(job):
+    return generalized_merge(job, None, consensus=False)
 
 
-def _check_epsilon(params: dict, model_params: list[dict]) -> str | None:
-    for p in model_params:
-        d, e = p["density"], p["epsilon"]
-        if d < 1 and not (0 < d - e and d + e < 1):
-            return f"della needs 0 < density - epsilon and density + epsilon < 1, got density {d}, epsilon {e}"
-    return None
+def merge_ties(job):
+    return generalized_merge(job, MAGNITUDE, consensus=True)
 
 
-GAMMA = Param("gamma", 0.01, float, check=in_range(0.0, 1.0))
-EPSILON = Param("epsilon", 0.15, float, check=in_range(0.0, 1.0))
+def merge_dare_linear(job):
+    return generalized_merge(job, BERNOULLI, consensus=False)
 
-METHODS = [
-    _family("task_arithmetic", None, False, False, "none", doc="base + lambda * sum(w_i * (x_i - base))."),
-    _family("ties", MAGNITUDE, True, True, "none", scoped=True,
-            doc="TIES: trim to the top `density` magnitudes, elect signs, disjoint mean."),
-    _family("dare_linear", BERNOULLI, False, False, "l1",
-            doc="DARE: random drop with keep probability `density`, rescale, weighted sum."),
-    _family("dare_ties", BERNOULLI, True, False, "l1", doc="DARE drop + TIES sign election."),
-    _family("breadcrumbs", BREADCRUMBS, False, False, "none", (GAMMA,),
-            doc="Model Breadcrumbs: drop the largest `gamma` and smallest entries, keep `density`."),
-    _family("breadcrumbs_ties", BREADCRUMBS, True, False, "none", (GAMMA,),
-            doc="Breadcrumbs + TIES sign election."),
-    _family("della", DELLA, True, True, "l1", (EPSILON,),
-            doc="DELLA: magnitude-ranked keep probabilities in [density-epsilon, density+epsilon], sign election."),
-    _family("della_linear", DELLA, False, False, "l1", (EPSILON,),
-            doc="DELLA drop without sign election."),
-]
+
+def merge_dare_ties(job):
+    return generalized_merge(job, BERNOULLI, consensus=True)
+
+
+def merge_breadcrumbs(job):
+    return generalized_merge(job, BREADCRUMBS, consensus=False)
+
+
+def merge_breadcrumbs_ties(job):
+    return generalized_merge(job, BREADCRUMBS, consensus=True)
+
+
+def merge_della(job):
+    return generalized_merge(job, DELLA, consensus=True)
+
+
+def merge_della_linear(job):
+    return generalized_merge(job, DELLA, consensus=False)
