@@ -63,7 +63,7 @@ class Method:
     """A registered merge method and its input contract."""
 
     name: str
-    implementation: str  # "module:function" in this package: (TensorJob) -> merged tensor
+    implementation: str  # "module:name" in this package: the (TensorJob) -> merged tensor function
     params: tuple[Param, ...] = ()
     model_params: tuple[Param, ...] = ()
     base: str = "optional"  # "required" | "optional" | "input" (the base is merged like any other model)
@@ -71,12 +71,13 @@ class Method:
     max_models: int | None = None
     doc: str = ""
     check: Callable[[dict[str, Any], list[dict[str, Any]]], str | None] | None = None  # per-tensor values
-    # "module:function" gathering whole-model statistics before merging: (tasks, load, recipe source)
-    # -> {tensor: extra}
+    # "module:name" of a function gathering whole-model statistics before merging:
+    # (tasks, load, recipe source) -> {tensor: extra}
     preparation: str | None = None
 
     @property
     def merge(self) -> Callable:
+        """The implementation, imported on first use."""
         return _load(self.implementation)
 
     @property

@@ -42,4 +42,3 @@ def merge_model_stock(job: TensorJob) -> torch.Tensor:
 
 def _cos(dot: torch.Tensor, norm_product: torch.Tensor) -> torch.Tensor:
     return (dot / norm_product.clamp_min(1e-6)).clamp(-1, 1)
-

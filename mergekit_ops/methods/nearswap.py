@@ -14,4 +14,3 @@ def merge_nearswap(job: TensorJob) -> torch.Tensor:
         out[sl] = torch.lerp(base, xs[0], w)
     job.map_chunks(merge_chunk)
     return out.view(job.shape)
-

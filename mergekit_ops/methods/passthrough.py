@@ -10,4 +10,3 @@ def merge_passthrough(job: TensorJob) -> torch.Tensor:
     scale = job.model_params[0]["scale"]
     x = job.convert(job.tensors[0])
     return x * scale if scale is not None else x
-

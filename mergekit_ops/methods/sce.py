@@ -22,4 +22,3 @@ def merge_sce(job: TensorJob) -> torch.Tensor:
     agree = deltas.sign() == majority
     w = weights.reshape(-1, *([1] * (deltas.dim() - 1))) * agree
     return base + (w * deltas).sum(0) / w.sum(0).clamp_min(1e-6)
-

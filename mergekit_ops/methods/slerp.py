@@ -32,4 +32,3 @@ def merge_slerp(job: TensorJob) -> torch.Tensor:
                                                          float(torch.dot(base, xs[0]))), 3)
     c0, c1 = slerp_coefficients(job.params["t"], sq0, sq1, dot)
     return job.weighted_sum([c1], c0)
-

@@ -97,4 +97,3 @@ def merge_karcher(job: TensorJob) -> torch.Tensor:
             mean = mean / m_norm
     scale = sum(norms) / len(vecs)
     return (mean * scale).reshape(job.shape)
-

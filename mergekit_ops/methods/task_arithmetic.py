@@ -12,6 +12,7 @@ paper) instead of matching the L1 norm (mergekit; `true` means l1, `false` none)
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 from typing import Callable
 
 import torch
@@ -134,34 +135,13 @@ MAGNITUDE, BERNOULLI, BREADCRUMBS = Sparsify(_magnitude), Sparsify(_bernoulli), 
 DELLA = Sparsify(_della, whole_tensor=True)
 
 
-# the family's members (their parameters and defaults: methods/__init__.py)
-def merge_task_arithmetic(job):
-    return generalized_merge(job, None, consensus=False)
-
-
-def merge_ties(job):
-    return generalized_merge(job, MAGNITUDE, consensus=True)
-
-
-def merge_dare_linear(job):
-    return generalized_merge(job, BERNOULLI, consensus=False)
-
-
-def merge_dare_ties(job):
-    return generalized_merge(job, BERNOULLI, consensus=True)
-
-
-def merge_breadcrumbs(job):
-    return generalized_merge(job, BREADCRUMBS, consensus=False)
-
-
-def merge_breadcrumbs_ties(job):
-    return generalized_merge(job, BREADCRUMBS, consensus=True)
-
-
-def merge_della(job):
-    return generalized_merge(job, DELLA, consensus=True)
-
-
-def merge_della_linear(job):
-    return generalized_merge(job, DELLA, consensus=False)
+# the family's members: a sparsifier, and whether signs are elected (parameters and defaults:
+# methods/__init__.py)
+merge_task_arithmetic = partial(generalized_merge, sparsify=None, consensus=False)
+merge_ties = partial(generalized_merge, sparsify=MAGNITUDE, consensus=True)
+merge_dare_linear = partial(generalized_merge, sparsify=BERNOULLI, consensus=False)
+merge_dare_ties = partial(generalized_merge, sparsify=BERNOULLI, consensus=True)
+merge_breadcrumbs = partial(generalized_merge, sparsify=BREADCRUMBS, consensus=False)
+merge_breadcrumbs_ties = partial(generalized_merge, sparsify=BREADCRUMBS, consensus=True)
+merge_della = partial(generalized_merge, sparsify=DELLA, consensus=True)
+merge_della_linear = partial(generalized_merge, sparsify=DELLA, consensus=False)
