@@ -32,9 +32,13 @@ class ListMethods(argparse.Action):
         def fmt(params):
             return ", ".join(p.name + ("" if p.default is REQUIRED else f"={p.default}") for p in params) or "-"
 
-        for m in sorted(METHODS.values(), key=lambda m: m.name):
-            print(f"{m.name}: {m.doc}\n    base model: {m.base}; parameters: {fmt(m.params)}; "
-                  f"per model: {fmt(m.model_params)}")
+        try:
+            for m in sorted(METHODS.values(), key=lambda m: m.name):
+                print(f"{m.name}: {m.doc}\n    base model: {m.base}; parameters: {fmt(m.params)}; "
+                      f"per model: {fmt(m.model_params)}")
+            sys.stdout.flush()
+        except BrokenPipeError:  # a reader that stopped early (`| head`) is not an error
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the exit flush goes nowhere
         parser.exit()
 
 

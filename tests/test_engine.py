@@ -350,3 +350,12 @@ def test_cli_lists_methods_with_their_parameters():
     assert run.returncode == 0
     assert "ties: TIES" in run.stdout and "trim_scope=tensor" in run.stdout and "density=1.0" in run.stdout
     assert run.stdout.count("\n    base model:") == 17
+
+
+def test_cli_method_list_into_a_closed_pipe_ends_quietly():
+    """`--list-methods | head -1`: a reader that stops early gets no traceback."""
+    proc = subprocess.Popen([sys.executable, "-m", "mergekit_ops", "--list-methods"], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc.stdout.close()  # before the CLI writes a byte
+    err = proc.stderr.read()
+    assert proc.wait() == 0 and err == ""
