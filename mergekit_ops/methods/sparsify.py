@@ -143,7 +143,8 @@ class Bernoulli(Sparsifier):
 
     def kept_l1(self, sl, magnitude):
         mask = self.saved[sl.start // CHUNK] = self.draw(sl, magnitude.device)
-        return float(torch.dot(magnitude.reshape(-1), mask_factor(magnitude, mask).reshape(-1)))  # one pass, not mul + sum
+        # one pass, not a multiply and a sum
+        return float(torch.dot(magnitude.reshape(-1), mask_factor(magnitude, mask).reshape(-1)))
 
 
 class Della(Sparsifier):
