@@ -9,7 +9,7 @@ one mergekit YAML per method and measures, with a warm page cache:
 and compares both outputs tensor by tensor (max abs difference in fp32).
 
     python bench/bench_merge.py [--size default|small] [--methods linear,ties] [--repeat 1]
-                                [--no-mergekit] [--mergekit PATH] [--workdir bench/work]
+                                [--no-mergekit] [--mergekit PATH] [--workdir bench/work] [--device cuda]
 
 Times are the minimum over --repeat runs; RSS the maximum. Peak RSS comes from /usr/bin/time -v
 (falls back to getrusage of the child), so it includes mapped input pages the process touched.
@@ -203,13 +203,14 @@ def timed_run(cmd: list[str], env: dict, log_path: str) -> dict:
     return {"wall": wall, "rss": rss, "cpu": cpu, "others": others, "rc": rc, "log": log_path}
 
 
-def ours_cmd(python: str, yml: str, out: str) -> list[str]:
-    return [python, "-m", "mergekit_ops", yml, out, "--quiet"]
+def ours_cmd(python: str, yml: str, out: str, device: str) -> list[str]:
+    return [python, "-m", "mergekit_ops", yml, out, "--quiet", "--device", device]
 
 
-def mk_cmd(mergekit: str, yml: str, out: str) -> list[str]:
+def mk_cmd(mergekit: str, yml: str, out: str, device: str) -> list[str]:
     # offline: no model card (it can query the hub), no tokenizer (the synthetic models have none)
-    return [mergekit, yml, out, "--no-write-model-card", "--no-copy-tokenizer", "--quiet"]
+    return [mergekit, yml, out, "--no-write-model-card", "--no-copy-tokenizer", "--quiet"] + (
+        ["--cuda"] if device == "cuda" else [])
 
 
 def envs() -> tuple[dict, dict]:
@@ -254,6 +255,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-mergekit", action="store_true")
     p.add_argument("--no-compare", action="store_true", help="skip the output comparison")
     p.add_argument("--python", default=sys.executable, help="python that runs mergekit_ops")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                   help="where both tools do the math (mergekit-yaml gets --cuda)")
     p.add_argument("--seed", type=int, default=0, help="checkpoint seed")
     p.add_argument("--wait-quiet", type=float, default=300.0,
                    help="before each timed run wait up to this many seconds for other processes to leave the "
@@ -311,9 +314,9 @@ def main(argv: list[str] | None = None) -> int:
         row = {"method": method, "floor": floor, "ours": None, "mk": None, "ours_rss": None, "mk_rss": None,
                "ours_cpu": None, "mk_cpu": None, "ours_others": None, "mk_others": None, "cmp": None, "note": ""}
         out_ours, out_mk = os.path.join(out_root, f"ours-{method}"), os.path.join(out_root, f"mk-{method}")
-        tools = [("ours", ours_cmd(a.python, yml, out_ours), ours_env, out_ours)]
+        tools = [("ours", ours_cmd(a.python, yml, out_ours, a.device), ours_env, out_ours)]
         if mergekit:
-            tools.append(("mk", mk_cmd(mergekit, yml, out_mk), mk_env, out_mk))
+            tools.append(("mk", mk_cmd(mergekit, yml, out_mk, a.device), mk_env, out_mk))
         for rep in range(a.repeat):
             for key, cmd, env, out in tools:
                 shutil.rmtree(out, ignore_errors=True)
@@ -349,7 +352,7 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(f"## mergekit_ops benchmark — size `{a.size}` ({nparams / 1e9:.3f}B params, {a.dtype}, "
           f"{out_bytes / 1e9:.2f} GB per model, base + 3 fine-tunes)")
-    print(f"host: {platform.node()}, {os.cpu_count()} CPUs, load average at end "
+    print(f"host: {platform.node()}, {os.cpu_count()} CPUs, math on {a.device}, load average at end "
           f"{' '.join(f'{x:.2f}' for x in os.getloadavg())}; repeat={a.repeat} (time: min, RSS: max)")
     print(f"floor: read {sum(read_time.values()):.2f} s for all {len(models)} models "
           f"({sum(dir_bytes(m) for m in models) / sum(read_time.values()) / 1e9:.1f} GB/s warm), "

@@ -34,7 +34,7 @@ def build(name: str, params: dict, progress: bool = False) -> Path:
     bar = ProgressBar() if progress else None
     sums: dict[str, str] = {}  # the weights' sha256, taken as they are written: the digest need not read them
     try:
-        merge(recipe, out, MergeOptions(seed=spec["seed"], progress=bar, sha256=sums))
+        merge(recipe, out, MergeOptions(seed=spec["seed"], device=spec["device"], progress=bar, sha256=sums))
     finally:
         if bar:
             bar.close()

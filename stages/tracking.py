@@ -101,7 +101,7 @@ def ensure(name: str, params: dict) -> str:
     tags.update({f"{TAG}method": spec["recipe"]["merge_method"], f"{TAG}dvc_stage": f"merge-{name}",
                  f"{TAG}git_commit": git_commit(), f"{TAG}inputs": ",".join(names)})
     with mlflow_errors(f"cannot record merge '{name}'"), mlflow.start_run(run_name=f"merge-{name}", tags=tags) as run:
-        mlflow.log_params(flatten({"recipe": spec["recipe"], "seed": spec["seed"]}))
+        mlflow.log_params(flatten({"recipe": spec["recipe"], "seed": spec["seed"], "device": spec["device"]}))
         for parent_id in parent_ids:
             mlflow.log_input(model=LoggedModelInput(parent_id))
         model = mlflow.initialize_logged_model(name=name, source_run_id=run.info.run_id, tags=tags)

@@ -46,7 +46,8 @@ def test_composes_models_and_merges_into_a_typed_config(tmp_path):
     assert graph.merges == ["soup", "again"]  # dependency order
     params = compose.resolved_params(cfg, graph)
     assert params["merges"]["again"]["inputs"] == {"soup": "artifacts/merges/soup", "a": "x/a"}  # local: in place
-    assert "seed" not in params["merges"]["soup"]["recipe"]
+    assert "seed" not in params["merges"]["soup"]["recipe"] and "device" not in params["merges"]["soup"]["recipe"]
+    assert params["merges"]["soup"]["device"] == "cpu"  # the default: the math runs on the CPU
 
 
 @pytest.mark.parametrize("models, merges, config, pattern", [
@@ -54,6 +55,7 @@ def test_composes_models_and_merges_into_a_typed_config(tmp_path):
     ({"a": {"source": "local", "path": "x", "revision": ["main"]}}, {}, None, r"conf/models/a\.yaml: key 'revision'"),
     (MODELS, {"soup": {**_soup("a"), "seed": "zero"}}, None, r"conf/merges/soup\.yaml: key 'seed'"),
     (MODELS, {"soup": {**_soup("a"), "sed": 1}}, None, r"conf/merges/soup\.yaml: key 'sed'"),
+    (MODELS, {"soup": {**_soup("a"), "device": "gpu"}}, None, r"conf/merges/soup\.yaml: key 'device': 'cpu' or 'cuda'"),
     ({"a": {"source": "ftp", "path": "x"}}, {}, None, r"conf/models/a\.yaml: key 'source': 'local' or 'hub'"),
     ({"a": {"source": "hub"}}, {}, None, r"conf/models/a\.yaml: key 'repo_id'"),
     ({"a": {"source": "local"}}, {}, None, r"conf/models/a\.yaml: key 'path'"),

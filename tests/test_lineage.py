@@ -7,10 +7,12 @@ from pathlib import Path
 
 import mlflow
 import pytest
+import torch
 
 from stages import digest, lineage, tracking
 from stages.digest import directory_digest
 from stages.errors import LineageError
+from mergekit_ops.errors import MergeError
 from stages.merge import build
 
 SHA = "0123456789abcdef0123456789abcdef01234567"
@@ -26,10 +28,10 @@ def params(family, mlflow_store, tmp_path):
             "models": [{"model": m, "parameters": {"weight": 1.0, "density": 0.5}} for m in ("m0", "m1")]}
     linear = {"merge_method": "linear", "models": [{"model": m, "parameters": {"weight": 1.0}} for m in ("ab", "m2")]}
     return {"artifacts": "artifacts", "models": models, "publish": {}, "evaluate": {"baseline": None, "suites": {}},
-            "merges": {"ab": {"recipe": ties, "seed": 0, "inputs": {"m0": str(family["m0"]), "m1": str(family["m1"]),
-                                                                     "base": str(family["base"])}},
-                       "abc": {"recipe": linear, "seed": 0, "inputs": {"ab": "artifacts/merges/ab",
-                                                                        "m2": "artifacts/models/m2"}}}}
+            "merges": {"ab": {"recipe": ties, "seed": 0, "device": "cpu",
+                              "inputs": {"m0": str(family["m0"]), "m1": str(family["m1"]), "base": str(family["base"])}},
+                       "abc": {"recipe": linear, "seed": 0, "device": "cpu",
+                               "inputs": {"ab": "artifacts/merges/ab", "m2": "artifacts/models/m2"}}}}
 
 
 def _digest(path) -> str:
@@ -54,6 +56,7 @@ def test_merge_of_merges_reads_back_to_hub_and_local_sources(params, family, cap
     model = tracking.find("abc", directory_digest(Path("artifacts/merges/abc")))
     run = mlflow.get_run(model.source_run_id)
     assert run.data.params["recipe.merge_method"] == "linear" and run.data.params["recipe.models.1.model"] == "m2"
+    assert run.data.params["device"] == "cpu"
     assert run.data.tags["mergeforge.method"] == "linear" and run.data.tags["mergeforge.dvc_stage"] == "merge-abc"
     assert len(run.data.tags["mergeforge.git_commit"]) in (40, len("unknown"))
 
@@ -119,3 +122,13 @@ def test_connect_leaves_the_environment_as_it_found_it(tmp_path, monkeypatch):
     tracking.connect(tmp_path)
     assert "MLFLOW_TRACKING_URI" not in os.environ  # subprocesses (other projects) pick their own
     assert mlflow.get_tracking_uri() == f"sqlite:///{tmp_path.resolve() / 'mlflow.db'}"
+
+
+def test_a_recipe_device_is_the_merge_device(params, monkeypatch):
+    """`device: cuda` in a recipe reaches the engine: where torch sees no GPU the merge stops with
+    the engine's error and leaves no output."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    params["merges"]["ab"]["device"] = "cuda"
+    with pytest.raises(MergeError, match="device 'cuda'"):
+        build("ab", params)
+    assert not Path("artifacts/merges/ab").exists()

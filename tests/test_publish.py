@@ -43,7 +43,7 @@ def project(tmp_path, mlflow_store, seed):
         "models": {n: {"source": "local", "path": f"src/{n}", "license": "apache-2.0"} for n in ("a", "b")},
         "merges": {"soup": {"recipe": {"merge_method": "linear", "models": [
             {"model": "a", "parameters": {"weight": 1.0}}, {"model": "b", "parameters": {"weight": 1.0}}]},
-            "seed": 0, "inputs": {"a": "src/a", "b": "src/b"}}},
+            "seed": 0, "device": "cpu", "inputs": {"a": "src/a", "b": "src/b"}}},
         "publish": {"hub": {"model": "soup", "repo_id": "me/soup", "push": False, "private": True,
                             "alias": "candidate", "gates": {"min_retention": {}, "min_score": {}, "max_score": {}}}},
     }

@@ -16,7 +16,7 @@ def _params(tmp_path, merges, baseline=None):
 
 def _merge(inputs, base=None):
     recipe = {"merge_method": "ties" if base else "linear"} | ({"base_model": base} if base else {})
-    return {"recipe": recipe, "seed": 0, "inputs": {m: m for m in inputs}}
+    return {"recipe": recipe, "seed": 0, "device": "cpu", "inputs": {m: m for m in inputs}}
 
 
 def _write_metrics(tmp_path, rng, names):

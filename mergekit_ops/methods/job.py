@@ -132,8 +132,10 @@ class TensorJob:
         return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "little") & ((1 << 63) - 1)
 
     def generator(self, index: int) -> torch.Generator:
-        """torch's generator for input `index` of this tensor (whole-tensor draws)."""
-        gen = torch.Generator(device=self.tensors[0].device if self.tensors else "cpu")
+        """torch's CPU generator for input `index` of this tensor (whole-tensor draws). On the CPU
+        for every device: CUDA's generator is another algorithm, and a merge on a GPU must keep
+        the same entries as on the CPU."""
+        gen = torch.Generator()
         gen.manual_seed(self.stream_seed(index))
         return gen
 

@@ -37,7 +37,7 @@ def plan_model_trim(tasks: list, load: Callable[[object], tuple[list[torch.Tenso
     hi_counts = [torch.zeros(HI_BINS, dtype=torch.int64) for _ in range(n_models)]
     for _, bits in _delta_bits(tasks, load, want):
         for i, b in bits.items():
-            hi_counts[i] += torch.bincount(b >> 16, minlength=HI_BINS)
+            hi_counts[i] += torch.bincount(b >> 16, minlength=HI_BINS).cpu()  # counts on the CPU, bits on the device
     hi_cut = {i: cut_histogram(hi_counts[i], want[i]) for i in range(n_models) if want[i] is not None}
     lo_counts = {i: torch.zeros(LO_BINS, dtype=torch.int64) for i in hi_cut}
     per_task: list[dict[int, tuple[int, torch.Tensor]]] = []
@@ -46,7 +46,7 @@ def plan_model_trim(tasks: list, load: Callable[[object], tuple[list[torch.Tenso
         for i, b in bits.items():
             bucket, _ = hi_cut[i]
             hi = b >> 16
-            lo = torch.bincount(b[hi == bucket] & 0xFFFF, minlength=LO_BINS)
+            lo = torch.bincount(b[hi == bucket] & 0xFFFF, minlength=LO_BINS).cpu()
             lo_counts[i] += lo
             row[i] = (int((hi > bucket).sum()), lo)
         per_task.append(row)

@@ -1,0 +1,122 @@
+"""Merges with the math on a GPU (`device: cuda`): every method agrees with the CPU and is
+byte-identical on reruns. Skipped where torch sees no CUDA device (CI); run on a GPU machine."""
+import hashlib
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from mergekit_ops import MergeOptions, merge
+from mergekit_ops.chunks import CHUNK
+from mergekit_ops.errors import MergeError
+from mergekit_ops.methods import METHODS
+from tiny import finetune, llama_state, write_model, write_recipe
+
+ROOT = Path(__file__).resolve().parents[1]
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="torch sees no CUDA device")
+
+BF16_ULP = 2.0 ** -7  # bf16 keeps 8 significant bits: one unit in the last place, relative
+
+
+def _recipes(paths: dict[str, Path]) -> dict[str, dict]:
+    """One recipe per method over base + three fine-tunes, in bf16 (ties at top-k thresholds)."""
+    base, fts = str(paths["base"]), [str(paths[f"m{i}"]) for i in range(3)]
+
+    def recipe(method, params=None, models=fts, base_model=base, **per_model):
+        return {"merge_method": method, "base_model": base_model, "dtype": "bfloat16", "parameters": params or {},
+                "models": [{"model": p, "parameters": dict(per_model)} for p in models]}
+
+    sparse = {"weight": 0.5, "density": 0.4}
+    return {
+        "linear": recipe("linear", base_model=None, weight=1.0),
+        "slerp": recipe("slerp", {"t": 0.3}, [base, fts[0]]),
+        "nearswap": recipe("nearswap", {"t": 0.01}, [base, fts[0]]),
+        "passthrough": recipe("passthrough", models=fts[:1], base_model=None, scale=0.5),
+        "model_stock": recipe("model_stock"),
+        "sce": recipe("sce", {"select_topk": 0.5}),
+        "nuslerp": recipe("nuslerp", models=fts[:2], weight=0.5),
+        "multislerp": recipe("multislerp", weight=1.0),
+        "karcher": recipe("karcher"),
+        "task_arithmetic": recipe("task_arithmetic", weight=0.5),
+        "ties": recipe("ties", **sparse),
+        "ties_model_scope": recipe("ties", {"trim_scope": "model"}, **sparse),
+        "dare_linear": recipe("dare_linear", **sparse),
+        "dare_ties": recipe("dare_ties", **sparse),
+        "breadcrumbs": recipe("breadcrumbs", **sparse, gamma=0.05),
+        "breadcrumbs_ties": recipe("breadcrumbs_ties", **sparse, gamma=0.05),
+        "della": recipe("della", **sparse, epsilon=0.1),
+        "della_linear": recipe("della_linear", **sparse, epsilon=0.1),
+    }
+
+
+@pytest.fixture
+def wide_family(tmp_path, seed):
+    """bf16 base + three fine-tunes whose MLP matrices (1.5M entries) span two streamed chunks."""
+    base = llama_state(layers=2, hidden=1024, inter=1536, vocab=64, seed=seed, dtype=torch.bfloat16)
+    assert base["model.layers.0.mlp.up_proj.weight"].numel() > CHUNK
+    paths = {"base": write_model(tmp_path / "base", base)}
+    for i in range(3):
+        paths[f"m{i}"] = write_model(tmp_path / f"m{i}", finetune(base, seed + i + 1), shards=2 if i == 2 else 1)
+    return paths
+
+
+def _tensors(path: Path) -> dict[str, torch.Tensor]:
+    out = {}
+    for f in sorted(path.glob("*.safetensors")):
+        out.update(load_file(str(f)))
+    return out
+
+
+def _digest(path: Path) -> dict[str, str]:
+    return {f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in sorted(path.iterdir())}
+
+
+def _far_apart(a: torch.Tensor, b: torch.Tensor) -> int:
+    """Entries more than one bf16 ulp plus 1e-3 apart. The devices add and reduce in different
+    orders; where terms cancel, or an angle near zero goes through acos (the spherical methods),
+    the few fp32 ulps that makes are many bf16 ulps of a small result. A device-side error (an
+    entry dropped on one device only, a wrong draw) moves entries by the size of a task vector's
+    entries, here 0.05 on average."""
+    a, b = a.float(), b.float()
+    return int(((a - b).abs() > BF16_ULP * torch.maximum(a.abs(), b.abs()) + 1e-3).sum())
+
+
+@needs_cuda
+def test_every_method_on_cuda_matches_the_cpu_and_reruns_byte_identical(tmp_path, wide_family):
+    recipes = _recipes(wide_family)
+    assert {body["merge_method"] for body in recipes.values()} == set(METHODS)
+    mismatches = {}
+    for name, body in recipes.items():
+        recipe = write_recipe(tmp_path / f"{name}.yml", body)
+        cpu = merge(recipe, tmp_path / f"{name}-cpu", MergeOptions(seed=5))
+        gpu = merge(recipe, tmp_path / f"{name}-cuda", MergeOptions(seed=5, device="cuda"))
+        again = merge(recipe, tmp_path / f"{name}-cuda-again", MergeOptions(seed=5, device="cuda"))
+        assert _digest(gpu) == _digest(again), f"{name}: two CUDA merges differ"
+        want, got = _tensors(cpu), _tensors(gpu)
+        assert got.keys() == want.keys()
+        far = {k: n for k in want if (n := _far_apart(got[k], want[k]))}
+        if far:
+            mismatches[name] = far
+    assert not mismatches, f"entries far apart on CUDA and CPU: {mismatches}"
+
+
+@needs_cuda
+def test_cli_merges_on_cuda(tmp_path, wide_family):
+    recipe = write_recipe(tmp_path / "dare.yml", _recipes(wide_family)["dare_ties"])
+    out = tmp_path / "cli"
+    run = subprocess.run([sys.executable, "-m", "mergekit_ops", str(recipe), str(out), "--device", "cuda",
+                          "--seed", "3", "--quiet"], cwd=ROOT, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    assert _digest(out) == _digest(merge(recipe, tmp_path / "lib", MergeOptions(seed=3, device="cuda")))
+
+
+def test_cuda_without_a_device_is_a_clear_error_and_writes_nothing(tmp_path, family, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    recipe = write_recipe(tmp_path / "r.yml", {"merge_method": "linear", "models": [
+        {"model": str(family["m0"]), "parameters": {"weight": 1.0}}]})
+    with pytest.raises(MergeError, match="device 'cuda'.*no CUDA device"):
+        merge(recipe, tmp_path / "out", MergeOptions(device="cuda"))
+    assert not any(tmp_path.glob("*out*"))
