@@ -33,7 +33,8 @@ from .vocab import align
 
 @dataclass
 class MergeOptions:
-    """How to run a merge; of these only `seed` and `compute_dtype` change the result."""
+    """How to run a merge; of these only `seed` and `compute_dtype` change the result (and `device`
+    its last bits: a GPU reduces in another order)."""
 
     device: str = "cpu"
     seed: int = 0
@@ -198,7 +199,7 @@ def _run(plan: MergePlan, writer: ShardWriter, device: torch.device, options: Me
          extras: dict[str, dict]) -> None:
     """Three overlapped steps: a thread reads ahead (within a byte budget) and copies to the
     device, this thread merges, a thread copies back and writes (at most two finished tensors wait
-    for it); a fourth unmaps used inputs."""
+    for it); a fourth frees used inputs (on the CPU, unmaps them)."""
     reader = _Reader(plan.checkpoints)
     transfers = Transfers(device)
     pending: deque = deque()

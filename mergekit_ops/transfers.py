@@ -1,9 +1,9 @@
 """Copies between host memory and a CUDA device, made on the engine's read-ahead and write threads.
 
-The merge thread queues its kernels on the device's default stream. Inputs go up on a stream of
-their own while the tensor before them merges, and outputs come down on another while the next
-one merges, each ordered against the merge by an event, not by waiting on the host. On the CPU
-every step is a no-op.
+The merge thread and its workers queue their kernels on the device's default stream. Inputs go up
+on a stream of their own while the tensor before them merges, and outputs come down on another
+while the next one merges, each ordered against the merge by an event, not by waiting on the host.
+On the CPU every step is a no-op.
 """
 from __future__ import annotations
 
@@ -32,21 +32,21 @@ class Transfers:
 
     def arrive(self, inputs: list[torch.Tensor], base: torch.Tensor | None,
                done: torch.cuda.Event | None) -> tuple[list[torch.Tensor], torch.Tensor | None]:
-        """The uploaded tensors, usable on the merge thread's stream: its kernels wait for the copies,
-        and the memory is not handed to a later upload until the merge's use of it is done."""
+        """The uploaded tensors, usable on the default stream: the merge's kernels wait for the
+        copies, and the memory is not handed to a later upload until the merge's use of it is done."""
         if done is not None:
-            merging = torch.cuda.current_stream(self.device)
+            merging = torch.cuda.default_stream(self.device)
             merging.wait_event(done)
             for x in inputs + ([base] if base is not None else []):
                 x.record_stream(merging)
         return inputs, base
 
     def mark(self) -> torch.cuda.Event | None:
-        """An event after every kernel queued so far on the merge thread's stream (an output's)."""
+        """An event after every kernel queued so far on the default stream (an output's)."""
         if not self.cuda:
             return None
         ready = torch.cuda.Event()
-        ready.record()
+        ready.record(torch.cuda.default_stream(self.device))
         return ready
 
     def download(self, out: torch.Tensor, ready: torch.cuda.Event | None) -> torch.Tensor:

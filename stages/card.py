@@ -72,7 +72,9 @@ def _body(data, name: str, params: dict, comparison: dict, lineage: list[str], d
     from .report import markdown
 
     spec = params["merges"][name]
-    recipe = yaml.safe_dump(spec["recipe"] | ({"seed": spec["seed"]} if spec["seed"] else {}), sort_keys=False)
+    ours = {"seed": spec["seed"]} if spec["seed"] else {}
+    ours |= {"device": spec["device"]} if spec["device"] != "cpu" else {}  # the last bits depend on it
+    recipe = yaml.safe_dump(spec["recipe"] | ours, sort_keys=False)
     table = markdown(name, comparison).split("\n", 2)[2]  # without the report's own heading
     digest_rows = "\n".join(f"| {m} | `{d}` |" for m, d in sorted(digests.items()))
     return "\n".join([

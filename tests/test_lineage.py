@@ -9,10 +9,10 @@ import mlflow
 import pytest
 import torch
 
+from mergekit_ops.errors import MergeError
 from stages import digest, lineage, tracking
 from stages.digest import directory_digest
 from stages.errors import LineageError
-from mergekit_ops.errors import MergeError
 from stages.merge import build
 
 SHA = "0123456789abcdef0123456789abcdef01234567"

@@ -76,11 +76,15 @@ def test_dry_run_stages_card_receipt_and_registers_the_alias(project):
         json.loads(Path("artifacts/eval/soup.json").read_text())["lm"]["perplexity"]["text"], rel=1e-6)
     assert "merge_method: linear" in card.text and "└── b  local src/b" in card.text
     assert "[m-" not in card.text  # MLflow's model ids differ per store: the card must not
+    assert "device:" not in card.text  # cpu, the default, goes unsaid
     model = tracking.find("soup")
     version = mlflow.MlflowClient().get_model_version_by_alias("soup", "candidate")
     assert version.source == f"models:/{model.model_id}" and receipt["registry"]["version"] == int(version.version)
     publish("hub", project)  # the same model: the alias keeps its version
     assert mlflow.MlflowClient().get_model_version_by_alias("soup", "candidate").version == version.version
+    project["merges"]["soup"]["device"] = "cuda"  # as if built on a GPU, whose last bits may differ
+    publish("hub", project)
+    assert "device: cuda" in ModelCard.load(out / "repo/README.md").text
 
 
 def test_failed_gate_blocks_publication_and_names_the_metric(project):

@@ -162,7 +162,7 @@ class Della(Sparsifier):
         ranks = torch.empty_like(order)
         ranks.scatter_(-1, order, torch.arange(n, device=delta.device).expand_as(order))
         probs = (density - epsilon) + (2 * epsilon / max(n - 1, 1)) * ranks.to(delta.dtype)
-        keep = torch.rand(lanes.shape, generator=job.generator(i)).to(delta.device) < probs
+        keep = torch.rand(lanes.shape, generator=job.generator(i), device="cpu").to(delta.device) < probs
         kept = torch.where(keep, lanes / probs, 0.0) if mode == "inverse_density" else lanes * keep
         kept = kept.reshape(-1) if delta.dim() < 2 else kept.movedim(-1, 1).reshape(-1)
         if mode == "l1":
