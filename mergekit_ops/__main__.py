@@ -53,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--list-methods", action=ListMethods, help="list the merge methods and their parameters")
     p.add_argument("recipe", metavar="RECIPE.yml")
     p.add_argument("out_dir", metavar="OUT_DIR")
-    p.add_argument("--device", default="cpu", help="where the math runs: cpu (default) or cuda")
+    p.add_argument("--device", default="cpu", help="where the math runs: cpu (default), cuda or cuda:N")
     p.add_argument("--cuda", action="store_const", const="cuda", dest="device", help="same as --device cuda")
     p.add_argument("--seed", "--random-seed", type=int, default=0,
                    help="seed of the random methods (dare_*, della*); default 0")

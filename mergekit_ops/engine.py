@@ -93,9 +93,7 @@ def merge(recipe: Recipe | str | Path, out_dir: str | Path, options: MergeOption
 
 
 def execute(plan: MergePlan, out_dir: Path, options: MergeOptions) -> Path:
-    device = torch.device(options.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise MergeError("device 'cuda' was asked for, but torch sees no CUDA device")
+    device = _device(options.device)
     out_dir = out_dir.absolute()
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
@@ -127,6 +125,21 @@ def execute(plan: MergePlan, out_dir: Path, options: MergeOptions) -> Path:
             shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out_dir
+
+
+def _device(name: str) -> torch.device:
+    """Where the math runs: the CPU or a CUDA device torch sees (else an error, before any output)."""
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise MergeError(f"device {name!r}: use cpu, cuda or cuda:N")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise MergeError(f"device {name!r} was asked for, but torch sees no CUDA device")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise MergeError(f"device {name!r}: torch sees {torch.cuda.device_count()} CUDA device(s)")
+    return device
 
 
 @contextmanager

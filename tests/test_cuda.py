@@ -115,10 +115,16 @@ def test_cli_merges_on_cuda(tmp_path, wide_family):
     assert _digest(out) == _digest(merge(recipe, tmp_path / "lib", MergeOptions(seed=3, device="cuda")))
 
 
-def test_cuda_without_a_device_is_a_clear_error_and_writes_nothing(tmp_path, family, monkeypatch):
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+@pytest.mark.parametrize("device, gpus, error", [("cuda", 0, "device 'cuda'.*no CUDA device"),
+                                                 ("cuda:1", 1, r"device 'cuda:1': torch sees 1 CUDA device\(s\)"),
+                                                 ("gpu", 0, "device 'gpu': use cpu, cuda or cuda:N"),
+                                                 ("meta", 0, "device 'meta': use cpu, cuda or cuda:N")])
+def test_a_device_torch_cannot_merge_on_is_a_clear_error_and_writes_nothing(tmp_path, family, monkeypatch,
+                                                                           device, gpus, error):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: gpus > 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
     recipe = write_recipe(tmp_path / "r.yml", {"merge_method": "linear", "models": [
         {"model": str(family["m0"]), "parameters": {"weight": 1.0}}]})
-    with pytest.raises(MergeError, match="device 'cuda'.*no CUDA device"):
-        merge(recipe, tmp_path / "out", MergeOptions(device="cuda"))
+    with pytest.raises(MergeError, match=error):
+        merge(recipe, tmp_path / "out", MergeOptions(device=device))
     assert not any(tmp_path.glob("*out*"))
