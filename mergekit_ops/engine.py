@@ -242,7 +242,7 @@ def _run(plan: MergePlan, writer: ShardWriter, device: torch.device, options: Me
                 loaded = [transfers.arrive(*future.result())]
                 del future
                 out = merge_task(plan, task, *loaded[0], device, options, extras.get(task.name, {}))
-                frees.submit(loaded.clear)  # unmapping the inputs (page-table work) off the merge thread
+                frees.submit(loaded.clear)  # freeing the inputs (on the CPU, page-table work) off the merge thread
                 del loaded
                 while len(writes) >= 2:
                     _finish(writes.popleft(), options)

@@ -75,11 +75,11 @@ def _digest(path: Path) -> dict[str, str]:
 
 
 def _far_apart(a: torch.Tensor, b: torch.Tensor) -> int:
-    """Entries more than 2^-7 relative (one to two bf16 ulps) plus 1e-3 apart. The devices add and reduce in different
-    orders; where terms cancel, or an angle near zero goes through acos (the spherical methods),
-    the few fp32 ulps that makes are many bf16 ulps of a small result. A device-side error (an
-    entry dropped on one device only, a wrong draw) moves entries by the size of a task vector's
-    entries, here 0.05 on average."""
+    """Entries more than 2^-7 relative (one to two bf16 ulps) plus 1e-3 apart. The devices add and
+    reduce in different orders; where terms cancel, or an angle near zero goes through acos (the
+    spherical methods), the few fp32 ulps that makes are many bf16 ulps of a small result. A
+    device-side error (an entry dropped on one device only, a wrong draw) moves entries by the size
+    of a task vector's entries, here 0.05 on average."""
     a, b = a.float(), b.float()
     return int(((a - b).abs() > BF16_ULP * torch.maximum(a.abs(), b.abs()) + 1e-3).sum())
 

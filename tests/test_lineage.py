@@ -29,7 +29,7 @@ def params(family, mlflow_store, tmp_path):
     linear = {"merge_method": "linear", "models": [{"model": m, "parameters": {"weight": 1.0}} for m in ("ab", "m2")]}
     return {"artifacts": "artifacts", "models": models, "publish": {}, "evaluate": {"baseline": None, "suites": {}},
             "merges": {"ab": {"recipe": ties, "seed": 0, "device": "cpu",
-                              "inputs": {"m0": str(family["m0"]), "m1": str(family["m1"]), "base": str(family["base"])}},
+                              "inputs": {n: str(family[n]) for n in ("m0", "m1", "base")}},
                        "abc": {"recipe": linear, "seed": 0, "device": "cpu",
                                "inputs": {"ab": "artifacts/merges/ab", "m2": "artifacts/models/m2"}}}}
 
