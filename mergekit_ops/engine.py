@@ -19,6 +19,7 @@ import torch
 
 from . import collector
 from .checkpoint import Checkpoint
+from .devices import is_device_name
 from .errors import MergeError
 from .files import write_side_files
 from .chunks import CHUNK, scratch
@@ -129,12 +130,9 @@ def execute(plan: MergePlan, out_dir: Path, options: MergeOptions) -> Path:
 
 def _device(name: str) -> torch.device:
     """Where the math runs: the CPU or a CUDA device torch sees (else an error, before any output)."""
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        device = None
-    if device is None or device.type not in ("cpu", "cuda"):
+    if not is_device_name(name):
         raise MergeError(f"device {name!r}: use cpu, cuda or cuda:N")
+    device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise MergeError(f"device {name!r} was asked for, but torch sees no CUDA device")
     if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():

@@ -48,7 +48,7 @@ class MergeRecipe:
     tokenizer: Optional[Dict[str, Any]] = None
     chat_template: Optional[str] = None
     seed: int = 0  # draws of the random methods (dare_*, della*)
-    device: str = "cpu"  # where the math runs: cpu or cuda (same entries kept; the last bits may differ)
+    device: str = "cpu"  # where the math runs: cpu, cuda or cuda:N (same entries kept; last bits may differ)
     sweep: Optional[Sweep] = None  # build the recipe once per value of one key (stages/sweep.py)
     description: str = ""
 
