@@ -1,4 +1,4 @@
-"""The unit of streamed work: flat chunks of CHUNK elements, and per-thread buffers for them."""
+"""The unit of streamed work: flat slices of whole CHUNKs, and per-thread buffers for them."""
 from __future__ import annotations
 
 import threading
@@ -6,16 +6,23 @@ import threading
 import torch
 
 CHUNK = 1 << 20  # elements per streamed chunk: fits in cache. A constant: random draws are made per chunk
-_SCRATCH = threading.local()  # per thread: chunk-sized buffers reused by map_chunks
+GPU_CHUNKS = 16  # chunks per slice on a GPU: one chunk's kernels take microseconds, and it waited on the host
+_SCRATCH = threading.local()  # per thread: slice-sized buffers reused by map_chunks
+
+
+def span(device: torch.device) -> int:
+    """Elements per slice of streamed work on a device: one chunk on the CPU (it stays in cache),
+    GPU_CHUNKS on a GPU. Slices start on chunk boundaries, so per-chunk draws are the same."""
+    return CHUNK if device.type == "cpu" else GPU_CHUNKS * CHUNK
 
 
 def scratch(n: int, dtype: torch.dtype, device: torch.device, role: str = "chunk") -> list[torch.Tensor]:
-    """n chunk-sized buffers private to this thread (fresh buffers would page-fault every chunk);
-    callers that may run while a chunk's buffers are in use ask for another role."""
+    """n slice-sized buffers private to this thread (fresh buffers would page-fault every slice);
+    callers that may run while a slice's buffers are in use ask for another role."""
     pool = getattr(_SCRATCH, "buffers", None)
     if pool is None:
         pool = _SCRATCH.buffers = {}
     bufs = pool.setdefault((role, dtype, device), [])
     while len(bufs) < n:
-        bufs.append(torch.empty(CHUNK, dtype=dtype, device=device))
+        bufs.append(torch.empty(span(device), dtype=dtype, device=device))
     return bufs[:n]

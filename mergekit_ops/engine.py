@@ -50,6 +50,7 @@ class MergeOptions:
     # (cleared first; a multi-document recipe leaves the final output's)
     sha256: dict[str, str] | None = None
     pool: Executor | None = None  # set by execute: the merge's worker threads
+    draws: Executor | None = None  # set by execute on a GPU: threads for a slice's per-chunk draws
     outputs: OutputBuffers | None = None  # set by execute: output buffers recycled once written
 
 
@@ -115,8 +116,9 @@ def execute(plan: MergePlan, out_dir: Path, options: MergeOptions) -> Path:
                     plan.recipe.source)
             finally:
                 reader.close()
-        with collector.paused(), _workers() as pool:  # collections cost 5% of a linear merge
-            _run(plan, writer, device, replace(options, pool=pool, outputs=OutputBuffers()), extras)
+        # collections cost 5% of a linear merge
+        with collector.paused(), _workers() as pool, _draw_threads(device) as draws:
+            _run(plan, writer, device, replace(options, pool=pool, draws=draws, outputs=OutputBuffers()), extras)
         writer.close()
         _replace_dir(tmp, out_dir)
     except BaseException:
@@ -157,6 +159,17 @@ def _workers():
             yield pool
     finally:
         torch.set_num_threads(threads)
+
+
+@contextmanager
+def _draw_threads(device: torch.device):
+    """On a GPU, threads that draw a slice's chunks side by side (numpy lets go of the GIL); the
+    CPU's slices are single chunks."""
+    if device.type == "cpu":
+        yield None
+        return
+    with ThreadPoolExecutor(max(1, min(8, os.cpu_count() or 1)), thread_name_prefix="mergekit-draw") as draws:
+        yield draws
 
 
 def _replace_dir(tmp: Path, out_dir: Path) -> None:
@@ -271,7 +284,7 @@ def _job(plan: MergePlan, task: TensorTask, inputs: list[torch.Tensor], base: to
         inputs, base = _align_vocab(plan, task, inputs, base)
     return TensorJob(name=task.name, tensors=inputs, base=base, model_params=task.model_params,
                      params=task.params, seed=options.seed, extra=extra or {}, compute_dtype=options.compute_dtype,
-                     load_dtype=plan.load_dtype, out_dtype=task.out_dtype, pool=options.pool,
+                     load_dtype=plan.load_dtype, out_dtype=task.out_dtype, pool=options.pool, draws=options.draws,
                      outputs=options.outputs)
 
 

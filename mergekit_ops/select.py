@@ -16,16 +16,16 @@ from typing import Any, Callable
 
 import torch
 
-from .chunks import CHUNK, scratch
+from .chunks import CHUNK, scratch, span
 
 HI_BINS, LO_BINS = 1 << 15, 1 << 16
 
 
 def magnitude_bits(values: torch.Tensor, in_place: bool = False) -> torch.Tensor:
     """|values| as int32 bit patterns, ordered like the magnitudes. float32 values of at most
-    CHUNK elements go into this thread's scratch buffer (valid until the next call), or over the
+    a slice (chunks.span) go into this thread's scratch buffer (valid until the next call), or over the
     values themselves with in_place."""
-    if values.dtype == torch.float32 and (in_place or values.numel() <= CHUNK):
+    if values.dtype == torch.float32 and (in_place or values.numel() <= span(values.device)):
         out = values if in_place else scratch(1, torch.float32, values.device, "bits")[0][:values.numel()]
         return torch.abs(values.reshape(-1), out=out.reshape(-1)).view(torch.int32)
     return values.abs().reshape(-1).to(torch.float32).view(torch.int32)

@@ -1,14 +1,18 @@
 """Each merge method against a direct computation of its formula on fresh random tensors."""
 import itertools
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 import math
 
 import numpy as np
 import pytest
 import torch
 
+from mergekit_ops import chunks
 from mergekit_ops.chunks import CHUNK
 from mergekit_ops.methods import METHODS
 from mergekit_ops.methods.base import REQUIRED
+from mergekit_ops.methods import job as job_module
 from mergekit_ops.methods.job import TensorJob
 
 SHAPE = (12, 10)
@@ -292,5 +296,30 @@ def test_streamed_methods_do_not_depend_on_chunk_boundaries(method, params, mode
     uses_base = method != "linear"
     args = (xs, base if uses_base else None, [dict(model_params) for _ in xs])
     whole = _run(method, *args, **params)
-    monkeypatch.setattr("mergekit_ops.methods.job.CHUNK", 7)
+    monkeypatch.setattr("mergekit_ops.methods.job.span", lambda device: 7)
     torch.testing.assert_close(_run(method, *args, **params), whole, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["dare_linear", "dare_ties", "ties", "breadcrumbs", "model_stock"])
+def test_slices_of_several_chunks_draw_and_select_as_one_chunk_slices_do(method, seed, monkeypatch):
+    """A GPU streams slices of several chunks (chunks.span): each chunk's random draws and each
+    top-k tie share stay the same. Without an L1 rescale nothing is summed over a slice, so the
+    bytes are the same; model_stock's cosines are, so only their rounding may differ."""
+    n = 2 * CHUNK + int(torch.randint(1, 5000, ()))  # the last chunk partial
+    base = torch.randn(n)
+    xs = [(base + torch.randn(n)).bfloat16().float() for _ in range(3)]  # bf16 values: magnitude ties
+    stock = method == "model_stock"
+    args = (xs, base, [{} if stock else {"weight": 0.5, "density": 0.4, "gamma": 0.05} for _ in xs])
+    params = {} if stock else {"rescale": "none"}
+    one = _run(method, *args, **params)
+    monkeypatch.setattr(chunks._SCRATCH, "buffers", {})  # slice-sized buffers for the patched span
+    for module in (chunks, job_module):
+        monkeypatch.setattr(module, "span", lambda device: 2 * CHUNK)
+    several = _run(method, *args, **params)
+    if method.startswith("dare"):  # as a GPU draws them: a slice's chunks side by side
+        with ThreadPoolExecutor(2) as draws:
+            assert torch.equal(METHODS[method].merge(replace(_job(method, *args, **params), draws=draws)), several)
+    if stock:
+        torch.testing.assert_close(several, one, atol=1e-6, rtol=1e-5)
+    else:
+        assert torch.equal(several, one)

@@ -9,7 +9,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from ..chunks import CHUNK, scratch
+from ..chunks import CHUNK, scratch, span
 from ..outputs import OutputBuffers
 
 
@@ -33,6 +33,7 @@ class TensorJob:
     load_dtype: torch.dtype | None = None  # the recipe's dtype: inputs are rounded to it first
     out_dtype: torch.dtype = torch.float32  # streaming methods write their output in this dtype
     pool: Executor | None = None  # runs map_chunks' and per-input work side by side; None: in order here
+    draws: Executor | None = None  # on a GPU: a slice's per-chunk draws side by side (the pool runs slices)
     outputs: OutputBuffers | None = None  # recycled output buffers; None: fresh ones
 
     @property
@@ -42,6 +43,10 @@ class TensorJob:
     @property
     def numel(self) -> int:
         return self.shape.numel()
+
+    @property
+    def device(self) -> torch.device:
+        return (self.base if self.base is not None else self.tensors[0]).device
 
     def convert(self, x: torch.Tensor) -> torch.Tensor:
         if self.load_dtype is not None:
@@ -58,8 +63,10 @@ class TensorJob:
         return list(self.pool.map(fn, items) if self.pool is not None else map(fn, items))
 
     def map_slices(self, fn: Callable[[slice], Any]) -> list:
-        """fn(flat slice) for every chunk, on the pool; results in chunk order."""
-        return self.map(lambda start: fn(slice(start, min(start + CHUNK, self.numel))), range(0, self.numel, CHUNK))
+        """fn(flat slice) for every slice (a chunk on the CPU, see chunks.span), on the pool;
+        results in slice order."""
+        step = span(self.device)
+        return self.map(lambda start: fn(slice(start, min(start + step, self.numel))), range(0, self.numel, step))
 
     def map_chunks(self, fn: Callable[[slice, list[torch.Tensor], torch.Tensor | None], Any]) -> list:
         """fn(flat slice, inputs, base) for every chunk, on the pool, in the compute dtype (scratch
@@ -120,10 +127,9 @@ class TensorJob:
 
     def empty_output(self) -> torch.Tensor:
         """A flat output buffer that streaming methods fill chunk by chunk."""
-        device = (self.base if self.base is not None else self.tensors[0]).device
         if self.outputs is not None:
-            return self.outputs.take(self.numel, self.out_dtype, device)
-        return torch.empty(self.numel, dtype=self.out_dtype, device=device)
+            return self.outputs.take(self.numel, self.out_dtype, self.device)
+        return torch.empty(self.numel, dtype=self.out_dtype, device=self.device)
 
     def stream_seed(self, index: int, chunk: int | None = None) -> int:
         """The seed private to (seed, tensor, input[, chunk]): random draws never depend on
@@ -139,11 +145,21 @@ class TensorJob:
         gen.manual_seed(self.stream_seed(index))
         return gen
 
-    def random_words(self, index: int, chunk: int, n: int, device: torch.device) -> torch.Tensor:
-        """n uniform 64-bit words (as int64) of the (seed, tensor, input, chunk) stream: numpy's
+    def slice_words(self, index: int, sl: slice) -> torch.Tensor:
+        """random_words of every chunk of a slice, in order, on the CPU. A slice is whole chunks;
+        only a tensor's last chunk may be short, so its spare words come last."""
+        chunks = range(sl.start // CHUNK, -(-sl.stop // CHUNK))
+
+        def draw(c: int) -> torch.Tensor:
+            return self.random_words(index, c, (min(CHUNK, sl.stop - c * CHUNK) + 3) // 4)
+        words = list(self.draws.map(draw, chunks) if self.draws is not None and len(chunks) > 1 else map(draw, chunks))
+        return words[0] if len(words) == 1 else torch.cat(words)
+
+    def random_words(self, index: int, chunk: int, n: int) -> torch.Tensor:
+        """n uniform 64-bit words (as int64, on the CPU) of the (seed, tensor, input, chunk) stream: numpy's
         SFC64 seeded through SeedSequence, a stream numpy keeps stable across versions and
         platforms. It is 3x faster than torch's mt19937 here, and draws without holding the GIL.
         (Full-range `integers` is the raw stream; a test holds it to `random_raw`.)"""
         rng = np.random.Generator(np.random.SFC64(self.stream_seed(index, chunk)))
         words = rng.integers(0, 2**64 - 1, size=n, dtype=np.uint64, endpoint=True)
-        return torch.from_numpy(words.view(np.int64)).to(device)
+        return torch.from_numpy(words.view(np.int64))

@@ -65,4 +65,5 @@ def plan_model_trim(tasks: list, load: Callable[[object], tuple[list[torch.Tenso
 def _delta_bits(tasks, load, want) -> Iterable[tuple[object, dict[int, torch.Tensor]]]:
     for task in tasks:
         inputs, base = load(task)
-        yield task, {i: magnitude_bits(x - base) for i, x in enumerate(inputs) if want[i] is not None}
+        # in place: each delta is fresh, and scratch bits would be one buffer shared by every input
+        yield task, {i: magnitude_bits(x - base, in_place=True) for i, x in enumerate(inputs) if want[i] is not None}

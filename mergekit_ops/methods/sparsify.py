@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from ..chunks import CHUNK, scratch
+from ..chunks import scratch
 from ..select import TopK, below, magnitude_bits
 from .job import TensorJob
 
@@ -25,7 +25,7 @@ def masked(delta: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 def mask_factor(delta: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """A mask (bool or 0/1 uint8) as 0/1 in delta's dtype and shape. A bool operand takes torch's
     slow mixed-dtype path (~8x slower), so it is converted from uint8 first, into a reused buffer
-    (a fresh one page-faults; delta is a chunk, at most CHUNK long)."""
+    (a fresh one page-faults; delta is at most a slice long)."""
     factor = scratch(1, delta.dtype, delta.device, "mask")[0][:delta.numel()].view(delta.shape)
     return factor.copy_(mask.view(torch.uint8))
 
@@ -129,20 +129,19 @@ class Bernoulli(Sparsifier):
     def __init__(self, job: TensorJob, i: int, density: float, mode: str):
         self.job, self.input = job, i
         self.threshold = min(round(density * (1 << 15)), (1 << 15) - 1)
-        self.saved: dict[int, torch.Tensor] = {}  # chunk index -> mask, from the norm pass
+        self.saved: dict[int, torch.Tensor] = {}  # slice start -> mask, from the norm pass
         self._set_rescale(mode, density)
 
     def draw(self, sl: slice, device: torch.device) -> torch.Tensor:
-        n = sl.stop - sl.start
-        words = self.job.random_words(self.input, sl.start // CHUNK, (n + 3) // 4, device)
-        return below(words.view(torch.int16)[:n].bitwise_and_(0x7FFF), self.threshold)
+        words = self.job.slice_words(self.input, sl).to(device)
+        return below(words.view(torch.int16)[:sl.stop - sl.start].bitwise_and_(0x7FFF), self.threshold)
 
     def keep(self, sl, delta):
-        mask = self.saved.pop(sl.start // CHUNK, None)  # each chunk merges once
+        mask = self.saved.pop(sl.start, None)  # each slice merges once
         return masked(delta, mask if mask is not None else self.draw(sl, delta.device))
 
     def kept_l1(self, sl, magnitude):
-        mask = self.saved[sl.start // CHUNK] = self.draw(sl, magnitude.device)
+        mask = self.saved[sl.start] = self.draw(sl, magnitude.device)
         # one pass, not a multiply and a sum
         return float(torch.dot(magnitude.reshape(-1), mask_factor(magnitude, mask).reshape(-1)))
 
