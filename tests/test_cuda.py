@@ -7,12 +7,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from mergekit_ops import MergeOptions, merge
 from mergekit_ops.chunks import CHUNK
 from mergekit_ops.errors import MergeError
 from mergekit_ops.methods import METHODS
+from test_vocab import vocab_family  # noqa: F401 (a fixture)
 from tiny import finetune, llama_state, write_model, write_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -103,6 +104,25 @@ def test_every_method_on_cuda_matches_the_cpu_and_reruns_byte_identical(tmp_path
             mismatches[name] = far
     assert torch.cuda.max_memory_allocated() > 0  # the math did run on the GPU
     assert not mismatches, f"entries far apart on CUDA and CPU: {mismatches}"
+
+
+@needs_cuda
+def test_vocabulary_alignment_and_integer_tensors_on_cuda_match_the_cpu(tmp_path, vocab_family):
+    """tokenizer_source: union (rows moved and averaged on the device) and a non-float tensor
+    (checked equal across models on the device, then copied) give the CPU's result."""
+    steps = torch.randint(0, 100, (4,), dtype=torch.int64)
+    for name in ("base", "shuffled", "narrow"):
+        file = tmp_path / name / "model.safetensors"
+        save_file({**load_file(str(file)), "model.extra.steps": steps}, str(file))
+    recipe = write_recipe(tmp_path / "union.yml", {
+        "merge_method": "task_arithmetic", "base_model": str(tmp_path / "base"), "tokenizer_source": "union",
+        "models": [{"model": str(tmp_path / m), "parameters": {"weight": w}} for m, w in (("shuffled", 0.5),
+                                                                                        ("narrow", 0.3))]})
+    want = _tensors(merge(recipe, tmp_path / "cpu"))
+    got = _tensors(merge(recipe, tmp_path / "cuda", MergeOptions(device="cuda")))
+    assert got.keys() == want.keys() and torch.equal(got["model.extra.steps"], steps)
+    assert got["model.embed_tokens.weight"].shape[0] > 12  # the union's extra tokens
+    assert not {k: n for k in want if (n := _far_apart(got[k], want[k]))}
 
 
 @needs_cuda
