@@ -18,8 +18,9 @@ class TensorJob:
     """One output tensor's inputs, as read (on the device, in their stored dtype), and parameters.
 
     Whole-tensor methods call `full()` for compute-dtype copies; streaming methods work through
-    `map_chunks()` (or `weighted_sum`, `map_deltas`), which convert one cache-sized flat chunk at
-    a time, chunks side by side on the pool (less memory, fewer passes over RAM).
+    `map_chunks()` (or `weighted_sum`, `map_deltas`), which convert one flat slice at a time (a
+    cache-sized chunk on the CPU, chunks.span), slices side by side on the pool (less memory, fewer
+    passes over RAM).
     """
 
     name: str
@@ -69,9 +70,9 @@ class TensorJob:
         return self.map(lambda start: fn(slice(start, min(start + step, self.numel))), range(0, self.numel, step))
 
     def map_chunks(self, fn: Callable[[slice, list[torch.Tensor], torch.Tensor | None], Any]) -> list:
-        """fn(flat slice, inputs, base) for every chunk, on the pool, in the compute dtype (scratch
+        """fn(flat slice, inputs, base) for every slice, on the pool, in the compute dtype (scratch
         buffers, free to modify): fn must not depend on the order (write its own slice of the
-        output, return partial sums). Returns fn's results in chunk order, so sums of them do not
+        output, return partial sums). Returns fn's results in slice order, so sums of them do not
         depend on the schedule."""
         sources = [x.reshape(-1) for x in self.tensors] + ([self.base.reshape(-1)] if self.base is not None else [])
 
@@ -83,7 +84,7 @@ class TensorJob:
 
     def sum_chunks(self, fn: Callable[[slice, list[torch.Tensor], torch.Tensor | None], list[float]],
                    n: int) -> list[float]:
-        """Totals of the n partial sums fn returns per chunk (map_chunks), added in chunk order as
+        """Totals of the n partial sums fn returns per slice (map_chunks), added in slice order as
         one pass would add them, so they do not depend on the schedule."""
         totals = [0.0] * n
         for part in self.map_chunks(fn):
@@ -113,8 +114,8 @@ class TensorJob:
         return out.view(self.shape)
 
     def map_deltas(self, i: int, fn: Callable[[slice, torch.Tensor], Any]) -> list:
-        """fn(flat slice, input i minus base) for every chunk, on the pool, in the compute dtype
-        (a scratch buffer, free to modify); fn's results in chunk order."""
+        """fn(flat slice, input i minus base) for every slice, on the pool, in the compute dtype
+        (a scratch buffer, free to modify); fn's results in slice order."""
         x, base = self.tensors[i].reshape(-1), self.base.reshape(-1)
 
         def run(sl: slice):
@@ -126,7 +127,7 @@ class TensorJob:
         return buf.copy_(x.to(self.load_dtype) if self.load_dtype is not None else x)
 
     def empty_output(self) -> torch.Tensor:
-        """A flat output buffer that streaming methods fill chunk by chunk."""
+        """A flat output buffer that streaming methods fill slice by slice."""
         if self.outputs is not None:
             return self.outputs.take(self.numel, self.out_dtype, self.device)
         return torch.empty(self.numel, dtype=self.out_dtype, device=self.device)
@@ -152,13 +153,15 @@ class TensorJob:
 
         def draw(c: int) -> torch.Tensor:
             return self.random_words(index, c, (min(CHUNK, sl.stop - c * CHUNK) + 3) // 4)
-        words = list(self.draws.map(draw, chunks) if self.draws is not None and len(chunks) > 1 else map(draw, chunks))
+        several = self.draws is not None and len(chunks) > 1
+        words = list(self.draws.map(draw, chunks) if several else map(draw, chunks))
         return words[0] if len(words) == 1 else torch.cat(words)
 
     def random_words(self, index: int, chunk: int, n: int) -> torch.Tensor:
-        """n uniform 64-bit words (as int64, on the CPU) of the (seed, tensor, input, chunk) stream: numpy's
-        SFC64 seeded through SeedSequence, a stream numpy keeps stable across versions and
-        platforms. It is 3x faster than torch's mt19937 here, and draws without holding the GIL.
+        """n uniform 64-bit words (as int64, on the CPU) of the (seed, tensor, input, chunk)
+        stream: numpy's SFC64 seeded through SeedSequence, a stream numpy keeps stable across
+        versions and platforms. It is 3x faster than torch's mt19937 here, and draws without
+        holding the GIL.
         (Full-range `integers` is the raw stream; a test holds it to `random_raw`.)"""
         rng = np.random.Generator(np.random.SFC64(self.stream_seed(index, chunk)))
         words = rng.integers(0, 2**64 - 1, size=n, dtype=np.uint64, endpoint=True)
