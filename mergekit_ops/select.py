@@ -3,8 +3,9 @@
 Non-negative float32 values order the same way as their bit patterns read as int32, so the k-th
 largest value is found with two 16-bit histogram passes (radix select) instead of a full argsort
 (~20x faster on an 11.5M-element tensor; sort does not use a second core). The passes take the
-values chunk by chunk (at most CHUNK elements each), so a tensor's magnitudes never need to exist
-in memory all at once, and on the merge's pool, chunks side by side.
+values slice by slice (chunks.span: a chunk on the CPU, 16 on a GPU), so a tensor's magnitudes
+never need to exist in memory all at once, and on the merge's pool, slices side by side. ("Chunk"
+below means such a slice.)
 
 Tie-break: exactly k positions are kept. Values equal to the threshold are kept lowest flat index
 first. bf16 deltas take few distinct values, so ties at the threshold are common; this rule makes

@@ -1,14 +1,14 @@
 """Each merge method against a direct computation of its formula on fresh random tensors."""
 import itertools
+import math
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
-import math
 
 import numpy as np
 import pytest
 import torch
 
-from mergekit_ops import chunks
+from mergekit_ops import chunks, select
 from mergekit_ops.chunks import CHUNK
 from mergekit_ops.methods import METHODS
 from mergekit_ops.methods.base import REQUIRED
@@ -313,7 +313,7 @@ def test_slices_of_several_chunks_draw_and_select_as_one_chunk_slices_do(method,
     params = {} if stock else {"rescale": "none"}
     one = _run(method, *args, **params)
     monkeypatch.setattr(chunks._SCRATCH, "buffers", {})  # slice-sized buffers for the patched span
-    for module in (chunks, job_module):
+    for module in (chunks, job_module, select):
         monkeypatch.setattr(module, "span", lambda device: 2 * CHUNK)
     several = _run(method, *args, **params)
     if method.startswith("dare"):  # as a GPU draws them: a slice's chunks side by side

@@ -149,6 +149,7 @@ class TensorJob:
     def slice_words(self, index: int, sl: slice) -> torch.Tensor:
         """random_words of every chunk of a slice, in order, on the CPU. A slice is whole chunks;
         only a tensor's last chunk may be short, so its spare words come last."""
+        assert sl.start % CHUNK == 0, f"slice {sl} does not start on a chunk: it would repeat a chunk's draws"
         chunks = range(sl.start // CHUNK, -(-sl.stop // CHUNK))
 
         def draw(c: int) -> torch.Tensor:

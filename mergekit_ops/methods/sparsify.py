@@ -2,7 +2,7 @@
 
 Each sparsifier is built for one (tensor, input): its constructor makes the passes it needs over
 the delta (thresholds), set_l1_scales the norm pass of all inputs together, then `apply` is called
-once per chunk, in any order.
+once per slice (chunks.span; "chunk" below), in any order.
 
 Rescale modes: 'l1' scales the survivors so the tensor keeps its L1 norm (mergekit's behaviour;
 skipped when either norm is below 1e-7); 'inverse_density' divides by density (the DARE paper);
