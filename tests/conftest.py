@@ -13,7 +13,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from tiny import finetune, llama_state, write_model  # noqa: E402
+from tiny import llama_state, write_family  # noqa: E402
 
 
 @pytest.fixture
@@ -28,11 +28,7 @@ def seed(request) -> int:
 @pytest.fixture
 def family(tmp_path, seed):
     """A base and three fine-tunes of it (float32, the third one sharded) on disk."""
-    base = llama_state(seed=seed)
-    paths = {"base": write_model(tmp_path / "base", base)}
-    for i in range(3):
-        paths[f"m{i}"] = write_model(tmp_path / f"m{i}", finetune(base, seed + i + 1), shards=2 if i == 2 else 1)
-    return paths
+    return write_family(tmp_path, llama_state(seed=seed), seed)
 
 
 @pytest.fixture(scope="session")

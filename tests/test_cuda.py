@@ -1,6 +1,5 @@
 """Merges with the math on a GPU (`device: cuda`): every method agrees with the CPU and is
 byte-identical on reruns. Skipped where torch sees no CUDA device (CI); run on a GPU machine."""
-import hashlib
 import subprocess
 import sys
 from pathlib import Path
@@ -14,7 +13,7 @@ from mergekit_ops.chunks import CHUNK
 from mergekit_ops.errors import MergeError
 from mergekit_ops.methods import METHODS
 from test_vocab import vocab_family  # noqa: F401 (a fixture)
-from tiny import finetune, llama_state, write_model, write_recipe
+from tiny import file_digests, llama_state, load_dir, write_family, write_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="torch sees no CUDA device")
@@ -58,21 +57,7 @@ def wide_family(tmp_path, seed):
     """bf16 base + three fine-tunes whose MLP matrices (1.5M entries) span two streamed chunks."""
     base = llama_state(layers=2, hidden=1024, inter=1536, vocab=64, seed=seed, dtype=torch.bfloat16)
     assert base["model.layers.0.mlp.up_proj.weight"].numel() > CHUNK
-    paths = {"base": write_model(tmp_path / "base", base)}
-    for i in range(3):
-        paths[f"m{i}"] = write_model(tmp_path / f"m{i}", finetune(base, seed + i + 1), shards=2 if i == 2 else 1)
-    return paths
-
-
-def _tensors(path: Path) -> dict[str, torch.Tensor]:
-    out = {}
-    for f in sorted(path.glob("*.safetensors")):
-        out.update(load_file(str(f)))
-    return out
-
-
-def _digest(path: Path) -> dict[str, str]:
-    return {f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in sorted(path.iterdir())}
+    return write_family(tmp_path, base, seed)
 
 
 def _far_apart(a: torch.Tensor, b: torch.Tensor) -> int:
@@ -96,8 +81,8 @@ def test_every_method_on_cuda_matches_the_cpu_and_reruns_byte_identical(tmp_path
         cpu = merge(recipe, tmp_path / f"{name}-cpu", MergeOptions(seed=5))
         gpu = merge(recipe, tmp_path / f"{name}-cuda", MergeOptions(seed=5, device="cuda"))
         again = merge(recipe, tmp_path / f"{name}-cuda-again", MergeOptions(seed=5, device="cuda"))
-        assert _digest(gpu) == _digest(again), f"{name}: two CUDA merges differ"
-        want, got = _tensors(cpu), _tensors(gpu)
+        assert file_digests(gpu) == file_digests(again), f"{name}: two CUDA merges differ"
+        want, got = load_dir(cpu), load_dir(gpu)
         assert got.keys() == want.keys()
         far = {k: n for k in want if (n := _far_apart(got[k], want[k]))}
         if far:
@@ -118,8 +103,8 @@ def test_vocabulary_alignment_and_integer_tensors_on_cuda_match_the_cpu(tmp_path
         "merge_method": "task_arithmetic", "base_model": str(tmp_path / "base"), "tokenizer_source": "union",
         "models": [{"model": str(tmp_path / m), "parameters": {"weight": w}} for m, w in (("shuffled", 0.5),
                                                                                         ("narrow", 0.3))]})
-    want = _tensors(merge(recipe, tmp_path / "cpu"))
-    got = _tensors(merge(recipe, tmp_path / "cuda", MergeOptions(device="cuda")))
+    want = load_dir(merge(recipe, tmp_path / "cpu"))
+    got = load_dir(merge(recipe, tmp_path / "cuda", MergeOptions(device="cuda")))
     assert got.keys() == want.keys() and torch.equal(got["model.extra.steps"], steps)
     assert got["model.embed_tokens.weight"].shape[0] > 12  # the union's extra tokens
     assert not {k: n for k in want if (n := _far_apart(got[k], want[k]))}
@@ -132,7 +117,7 @@ def test_cli_merges_on_cuda(tmp_path, wide_family):
     run = subprocess.run([sys.executable, "-m", "mergekit_ops", str(recipe), str(out), "--device", "cuda",
                           "--seed", "3", "--quiet"], cwd=ROOT, capture_output=True, text=True)
     assert run.returncode == 0, run.stderr
-    assert _digest(out) == _digest(merge(recipe, tmp_path / "lib", MergeOptions(seed=3, device="cuda")))
+    assert file_digests(out) == file_digests(merge(recipe, tmp_path / "lib", MergeOptions(seed=3, device="cuda")))
 
 
 @pytest.mark.parametrize("device, gpus, error", [("cuda", 0, "device 'cuda'.*no CUDA device"),

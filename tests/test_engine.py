@@ -12,31 +12,20 @@ from safetensors.torch import load_file
 from mergekit_ops import MergeOptions, merge
 from mergekit_ops import engine as engine_module
 from mergekit_ops.errors import CheckpointError, MergeError, RecipeError
-from tiny import finetune, llama_state, write_model, write_recipe
+from tiny import file_digests, finetune, llama_state, load_dir, write_model, write_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _load_dir(path: Path) -> dict[str, torch.Tensor]:
-    out = {}
-    for f in sorted(path.glob("*.safetensors")):
-        out.update(load_file(str(f)))
-    return out
 
 
 def _recipe(tmp_path, body, name="recipe.yml"):
     return write_recipe(tmp_path / name, body)
 
 
-def _digest(path: Path) -> dict[str, str]:
-    return {f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in sorted(path.iterdir())}
-
-
 def test_linear_one_zero_returns_first_model_bit_exact(tmp_path, family):
     r = _recipe(tmp_path, {"merge_method": "linear", "models": [
         {"model": str(family["m0"]), "parameters": {"weight": 1.0}},
         {"model": str(family["m2"]), "parameters": {"weight": 0.0}}]})
-    out = _load_dir(merge(r, tmp_path / "out"))
+    out = load_dir(merge(r, tmp_path / "out"))
     src = load_file(str(family["m0"] / "model.safetensors"))
     assert out.keys() == src.keys() and all(torch.equal(out[k], src[k]) for k in src)
 
@@ -47,7 +36,7 @@ def test_slerp_endpoints_on_disk(tmp_path, family):
         r = _recipe(tmp_path, {"merge_method": "slerp", "base_model": str(family["base"]),
                                "models": [{"model": str(family["base"])}, {"model": str(family["m0"])}],
                                "parameters": {"t": t}})
-        out = _load_dir(merge(r, tmp_path / f"out{t}"))
+        out = load_dir(merge(r, tmp_path / f"out{t}"))
         for k, v in src[expect].items():
             torch.testing.assert_close(out[k], v, atol=1e-6, rtol=1e-6)
 
@@ -56,7 +45,7 @@ def test_gradient_and_filter_parameters_reach_the_right_tensors(tmp_path, family
     r = _recipe(tmp_path, {"merge_method": "slerp", "base_model": str(family["base"]),
                            "models": [{"model": str(family["m0"])}],
                            "parameters": {"t": [{"filter": "mlp", "value": [0.0, 1.0]}, {"value": 0.0}]}})
-    out = _load_dir(merge(r, tmp_path / "out"))
+    out = load_dir(merge(r, tmp_path / "out"))
     base = load_file(str(family["base"] / "model.safetensors"))
     other = load_file(str(family["m0"] / "model.safetensors"))
     torch.testing.assert_close(out["model.layers.0.mlp.up_proj.weight"], base["model.layers.0.mlp.up_proj.weight"])
@@ -78,13 +67,13 @@ def test_dare_is_byte_identical_across_thread_counts(tmp_path, family):
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        one = _digest(merge(r, tmp_path / "t1", MergeOptions(seed=7)))
+        one = file_digests(merge(r, tmp_path / "t1", MergeOptions(seed=7)))
         torch.set_num_threads(2)
-        two = _digest(merge(r, tmp_path / "t2", MergeOptions(seed=7, read_ahead_bytes=0)))
+        two = file_digests(merge(r, tmp_path / "t2", MergeOptions(seed=7, read_ahead_bytes=0)))
     finally:
         torch.set_num_threads(threads)
     assert one == two
-    other_seed = _digest(merge(r, tmp_path / "s8", MergeOptions(seed=8)))
+    other_seed = file_digests(merge(r, tmp_path / "s8", MergeOptions(seed=8)))
     assert other_seed["model.safetensors"] != one["model.safetensors"]
 
 
@@ -109,7 +98,7 @@ def test_shards_and_index_cover_every_tensor(tmp_path, family):
     index = json.loads((out / "model.safetensors.index.json").read_text())
     files = sorted(p.name for p in out.glob("*.safetensors"))
     assert len(files) > 2 and set(index["weight_map"].values()) == set(files)
-    merged = _load_dir(out)
+    merged = load_dir(out)
     assert set(index["weight_map"]) == set(merged)
     assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in merged.values())
     for f in files:
@@ -132,7 +121,7 @@ def test_interrupted_merge_leaves_no_finished_output(tmp_path, family, monkeypat
         {"model": str(family[m]), "parameters": {"weight": 1.0}} for m in ("m0", "m1")]})
     target = tmp_path / "out"
     merge(r, target)
-    before = _digest(target)
+    before = file_digests(target)
     calls = {"n": 0}
     real = engine_module.merge_task
 
@@ -149,7 +138,7 @@ def test_interrupted_merge_leaves_no_finished_output(tmp_path, family, monkeypat
     calls["n"] = 0
     with pytest.raises(KeyboardInterrupt):
         merge(r, target)
-    assert _digest(target) == before  # the previous complete output is untouched
+    assert file_digests(target) == before  # the previous complete output is untouched
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
 
 
@@ -218,7 +207,7 @@ def test_pickle_weights_are_refused_unless_opted_in(tmp_path, family):
         {"model": str(tmp_path / "pkl"), "parameters": {"weight": 1.0}}]})
     with pytest.raises(CheckpointError, match="only pickle weights.*pytorch_model.bin.*refused"):
         merge(r, tmp_path / "out")
-    out = _load_dir(merge(r, tmp_path / "out", MergeOptions(allow_pickle=True)))
+    out = load_dir(merge(r, tmp_path / "out", MergeOptions(allow_pickle=True)))
     assert all(torch.equal(out[k], v) for k, v in state.items())
 
 
@@ -228,7 +217,7 @@ def test_tied_embeddings_write_no_lm_head(tmp_path, seed):
     write_model(tmp_path / "f", finetune(base, seed + 1), tied=True)
     r = _recipe(tmp_path, {"merge_method": "task_arithmetic", "base_model": str(tmp_path / "b"),
                            "models": [{"model": str(tmp_path / "f"), "parameters": {"weight": 1.0}}]})
-    out = _load_dir(merge(r, tmp_path / "out"))
+    out = load_dir(merge(r, tmp_path / "out"))
     assert "lm_head.weight" not in out and "model.embed_tokens.weight" in out
 
 
@@ -241,7 +230,7 @@ def test_untied_head_of_one_input_uses_embeddings_of_tied_ones(tmp_path, seed):
     r = _recipe(tmp_path, {"merge_method": "linear", "models": [
         {"model": str(tmp_path / "tied"), "parameters": {"weight": 1.0}},
         {"model": str(tmp_path / "untied"), "parameters": {"weight": 1.0}}]})
-    out = _load_dir(merge(r, tmp_path / "out"))
+    out = load_dir(merge(r, tmp_path / "out"))
     torch.testing.assert_close(out["lm_head.weight"],
                                (base["model.embed_tokens.weight"] + untied["lm_head.weight"]) / 2)
 
@@ -251,7 +240,7 @@ def test_passthrough_slices_stack_layers_and_rewrite_layer_count(tmp_path, famil
         {"sources": [{"model": str(family["m0"]), "layer_range": [0, 2]}]},
         {"sources": [{"model": str(family["m1"]), "layer_range": [1, 3]}]}]})
     out_dir = merge(r, tmp_path / "out")
-    out = _load_dir(out_dir)
+    out = load_dir(out_dir)
     a, b = load_file(str(family["m0"] / "model.safetensors")), load_file(str(family["m1"] / "model.safetensors"))
     assert json.loads((out_dir / "config.json").read_text())["num_hidden_layers"] == 4
     for out_layer, (src, layer) in enumerate([(a, 0), (a, 1), (b, 1), (b, 2)]):
@@ -266,7 +255,7 @@ def test_out_dtype_and_compute_in_float32(tmp_path, family):
     r = _recipe(tmp_path, {"merge_method": "linear", "out_dtype": "bfloat16", "models": [
         {"model": str(family[m]), "parameters": {"weight": 1.0}} for m in ("m0", "m1")]})
     out_dir = merge(r, tmp_path / "out")
-    out = _load_dir(out_dir)
+    out = load_dir(out_dir)
     a, b = load_file(str(family["m0"] / "model.safetensors")), load_file(str(family["m1"] / "model.safetensors"))
     k = "model.layers.0.mlp.up_proj.weight"
     assert out[k].dtype == torch.bfloat16 and torch.equal(out[k], ((a[k] + b[k]) / 2).to(torch.bfloat16))
@@ -287,7 +276,7 @@ models: [{{model: soup}}]
 parameters: {{t: 1.0}}
 """
     r = _recipe(tmp_path, text)
-    out = _load_dir(merge(r, tmp_path / "out"))
+    out = load_dir(merge(r, tmp_path / "out"))
     a, b = load_file(str(family["m0"] / "model.safetensors")), load_file(str(family["m1"] / "model.safetensors"))
     for k in a:
         torch.testing.assert_close(out[k], (a[k] + b[k]) / 2, atol=1e-6, rtol=1e-5)
@@ -304,7 +293,7 @@ def test_hub_id_resolves_from_local_cache_without_network(tmp_path, family, monk
     (cache / "models--org--tiny" / "refs" / "main").write_text(sha)
     monkeypatch.setenv("HF_HUB_CACHE", str(cache))
     r = _recipe(tmp_path, {"merge_method": "linear", "models": [{"model": "org/tiny", "parameters": {"weight": 1.0}}]})
-    out = _load_dir(merge(r, tmp_path / "out"))
+    out = load_dir(merge(r, tmp_path / "out"))
     assert torch.equal(out["model.norm.weight"], load_file(str(family["m0"] / "model.safetensors"))["model.norm.weight"])
     r = _recipe(tmp_path, {"merge_method": "linear", "models": [{"model": "org/absent", "parameters": {"weight": 1.0}}]},
                 name="absent.yml")
@@ -331,8 +320,8 @@ def test_ties_model_scope_keeps_the_global_top_k(tmp_path, family):
     r = _recipe(tmp_path, {"merge_method": "ties", "base_model": str(family["base"]),
                            "parameters": {"trim_scope": "model", "normalize": False},
                            "models": [{"model": str(family["m2"]), "parameters": {"weight": 1.0, "density": density}}]})
-    out = _load_dir(merge(r, tmp_path / "out"))
-    base, ft = _load_dir(family["base"]), _load_dir(family["m2"])
+    out = load_dir(merge(r, tmp_path / "out"))
+    base, ft = load_dir(family["base"]), load_dir(family["m2"])
     names = sorted(base)
     delta = torch.cat([(ft[k] - base[k]).reshape(-1) for k in names])
     k = int(density * delta.numel())

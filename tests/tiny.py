@@ -1,11 +1,12 @@
 """Tiny Llama-shaped checkpoints for tests, written with the reference safetensors writer."""
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 
 def llama_state(layers: int = 3, hidden: int = 8, inter: int = 12, vocab: int = 20, seed: int = 0,
@@ -75,6 +76,27 @@ def write_tokenizer(path: Path, tokens: list[str], added: list[str] = ()) -> Non
     (path / "tokenizer_config.json").write_text(json.dumps(
         {"model_max_length": 64, "tokenizer_class": "PreTrainedTokenizerFast", "unk_token": tokens[0],
          "added_tokens_decoder": {str(t["id"]): {k: v for k, v in t.items() if k != "id"} for t in added_tokens}}))
+
+
+def write_family(root: Path, base: dict[str, torch.Tensor], seed: int) -> dict[str, Path]:
+    """The base and three fine-tunes of it on disk (the third one sharded), by name: base, m0..m2."""
+    paths = {"base": write_model(root / "base", base)}
+    for i in range(3):
+        paths[f"m{i}"] = write_model(root / f"m{i}", finetune(base, seed + i + 1), shards=2 if i == 2 else 1)
+    return paths
+
+
+def load_dir(path: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a checkpoint directory's safetensors files."""
+    out = {}
+    for f in sorted(Path(path).glob("*.safetensors")):
+        out.update(load_file(str(f)))
+    return out
+
+
+def file_digests(path: Path) -> dict[str, str]:
+    """sha256 of every file in a directory, by name."""
+    return {f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in sorted(Path(path).iterdir())}
 
 
 def write_recipe(path: Path, recipe: dict | str) -> Path:
