@@ -284,7 +284,9 @@ def _slices(value: Any, source: str) -> list[Slice]:
             raise RecipeError("each slice needs a non-empty 'sources' list", source, key)
         extra = set(item) - {"sources", "parameters", "base_model"}
         if extra:
-            raise RecipeError("unknown key", source, f"{key}.{sorted(extra)[0]}")
+            bad = sorted(extra)[0]
+            raise RecipeError(f"unknown key{_suggest(bad, ['sources', 'parameters', 'base_model'])}", source,
+                              f"{key}.{bad}")
         out.append(Slice(
             sources=[_source(s, source, f"{key}.sources[{j}]", need_range=True) for j, s in enumerate(item["sources"])],
             parameters=_params(item.get("parameters"), source, f"{key}.parameters"),

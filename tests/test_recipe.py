@@ -98,6 +98,16 @@ def test_unknown_top_level_key(tmp_path):
     assert "did you mean 'base_model'" in _error(tmp_path, TIES.replace("base_model:", "base_modle:"))
 
 
+def test_unknown_slice_key_suggests_closest(tmp_path):
+    msg = _error(tmp_path, """
+merge_method: passthrough
+slices:
+  - sources: [{model: a, layer_range: [0, 2]}]
+    parameter: {scale: 1}
+""")
+    assert "did you mean 'parameters'" in msg and "slices[0].parameter" in msg
+
+
 def test_models_and_slices_are_exclusive(tmp_path):
     assert "exactly one of 'models' or 'slices'" in _error(tmp_path, "merge_method: linear\n")
 
