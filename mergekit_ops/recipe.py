@@ -19,6 +19,8 @@ from .params import check_value, values_in
 
 DTYPES = ("float32", "float16", "bfloat16", "float64")
 DTYPE_ALIASES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16", "half": "float16", "float": "float32"}
+SLICE_KEYS = ("sources", "parameters", "base_model")
+SOURCE_KEYS = ("model", "parameters", "layer_range")
 TOP_KEYS = {"name", "merge_method", "models", "slices", "base_model", "parameters", "dtype", "out_dtype",
             "tokenizer_source", "tokenizer", "chat_template", "modules"}
 
@@ -282,11 +284,10 @@ def _slices(value: Any, source: str) -> list[Slice]:
         key = f"slices[{i}]"
         if not isinstance(item, dict) or not isinstance(item.get("sources"), list) or not item["sources"]:
             raise RecipeError("each slice needs a non-empty 'sources' list", source, key)
-        extra = set(item) - {"sources", "parameters", "base_model"}
+        extra = set(item) - set(SLICE_KEYS)
         if extra:
             bad = sorted(extra)[0]
-            raise RecipeError(f"unknown key{_suggest(bad, ['sources', 'parameters', 'base_model'])}", source,
-                              f"{key}.{bad}")
+            raise RecipeError(f"unknown key{_suggest(bad, SLICE_KEYS)}", source, f"{key}.{bad}")
         out.append(Slice(
             sources=[_source(s, source, f"{key}.sources[{j}]", need_range=True) for j, s in enumerate(item["sources"])],
             parameters=_params(item.get("parameters"), source, f"{key}.parameters"),
@@ -300,10 +301,10 @@ def _source(item: Any, source: str, key: str, need_range: bool) -> Source:
         item = {"model": item}
     if not isinstance(item, dict):
         raise RecipeError("each entry is a mapping with 'model'", source, key)
-    extra = set(item) - {"model", "parameters", "layer_range"}
+    extra = set(item) - set(SOURCE_KEYS)
     if extra:
         bad = sorted(extra)[0]
-        raise RecipeError(f"unknown key{_suggest(bad, ['model', 'parameters', 'layer_range'])}", source, f"{key}.{bad}")
+        raise RecipeError(f"unknown key{_suggest(bad, SOURCE_KEYS)}", source, f"{key}.{bad}")
     layer_range = item.get("layer_range")
     if need_range:
         if (not isinstance(layer_range, list) or len(layer_range) != 2

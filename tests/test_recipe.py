@@ -98,14 +98,13 @@ def test_unknown_top_level_key(tmp_path):
     assert "did you mean 'base_model'" in _error(tmp_path, TIES.replace("base_model:", "base_modle:"))
 
 
-def test_unknown_slice_key_suggests_closest(tmp_path):
-    msg = _error(tmp_path, """
-merge_method: passthrough
-slices:
-  - sources: [{model: a, layer_range: [0, 2]}]
-    parameter: {scale: 1}
-""")
-    assert "did you mean 'parameters'" in msg and "slices[0].parameter" in msg
+@pytest.mark.parametrize("entry, key, suggestion", [
+    ("{model: a, layer_range: [0, 2]}]\n    parameter: {scale: 1}", "slices[0].parameter", "parameters"),
+    ("{model: a, layer_rang: [0, 2]}]", "slices[0].sources[0].layer_rang", "layer_range"),
+])
+def test_unknown_slice_or_source_key_suggests_closest(tmp_path, entry, key, suggestion):
+    msg = _error(tmp_path, f"merge_method: passthrough\nslices:\n  - sources: [{entry}\n")
+    assert f"did you mean '{suggestion}'" in msg and key in msg
 
 
 def test_models_and_slices_are_exclusive(tmp_path):
