@@ -1,5 +1,4 @@
 """End-to-end merges of tiny checkpoints on disk: identities, determinism, output layout, errors."""
-import hashlib
 import json
 import subprocess
 import sys
@@ -112,7 +111,7 @@ def test_weight_files_are_hashed_as_written(tmp_path, family):
                            "models": [{"model": str(family["m2"]), "parameters": {"weight": 1.0}}]})
     sums = {"stale.safetensors": "0" * 64}  # left from another merge: cleared
     out = merge(r, tmp_path / "out", MergeOptions(out_shard_size=2000, sha256=sums))
-    files = {f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in out.glob("*.safetensors")}
+    files = {name: sha for name, sha in file_digests(out).items() if name.endswith(".safetensors")}
     assert len(files) > 2 and sums == files
 
 

@@ -11,7 +11,7 @@ import yaml
 from safetensors.torch import load_file
 
 from pipeline import hub_cache, new_project, read_conf, repro, run, write_conf
-from tiny import finetune, llama_state, write_model
+from tiny import finetune, llama_state, load_dir, write_model
 
 
 def _ties(density=0.5):
@@ -55,19 +55,15 @@ def params_sha(project, model):
     return yaml.safe_load((project / "params.yaml").read_text())["models"][model]["sha"]
 
 
-def _load(path):
-    return {k: v for f in sorted(path.glob("*.safetensors")) for k, v in load_file(str(f)).items()}
-
-
 def test_fresh_repro_builds_every_stage(built):
     project, ran = built
     assert ran == {"compose", "merge-soup", "merge-ties", "merge-blend"}  # local models: read in place
     assert not (project / "artifacts/models").exists()
-    soup, m0, m1 = (_load(p) for p in (project / "artifacts/merges/soup", project.parent / "src/m0",
+    soup, m0, m1 = (load_dir(p) for p in (project / "artifacts/merges/soup", project.parent / "src/m0",
                                        project.parent / "src/m1"))
     for name, t in soup.items():
         torch.testing.assert_close(t, (m0[name] + m1[name]) / 2)
-    blend, ties = _load(project / "artifacts/merges/blend"), _load(project / "artifacts/merges/ties")
+    blend, ties = load_dir(project / "artifacts/merges/blend"), load_dir(project / "artifacts/merges/ties")
     for name, t in blend.items():
         torch.testing.assert_close(t, (ties[name] + soup[name]) / 2)
 
@@ -120,8 +116,8 @@ def test_exp_run_with_a_conf_override(project):
     run(["git", "commit", "-qm", "built"], project)
     proc = run(["dvc", "exp", "run", "-S", "conf/merges/soup.yaml:models.0.parameters.weight=3.0"], project)
     assert "Running stage 'merge-soup'" in proc.stdout and "Running stage 'merge-ties'" not in proc.stdout
-    soup = _load(project / "artifacts/merges/soup")
-    m0, m1 = (_load(Path(read_conf(project, "models", m)["path"])) for m in ("m0", "m1"))
+    soup = load_dir(project / "artifacts/merges/soup")
+    m0, m1 = (load_dir(Path(read_conf(project, "models", m)["path"])) for m in ("m0", "m1"))
     for name, t in soup.items():
         torch.testing.assert_close(t, (3 * m0[name] + m1[name]) / 4)
 
@@ -145,13 +141,13 @@ def test_hub_model_from_offline_cache_moved_branch_and_no_token_written(tmp_path
     blob = cache / "models--org--tuned" / "snapshots" / params_sha(project, "tuned") / "model.safetensors"
     assert fetched.resolve().stat().st_ino == blob.resolve().stat().st_ino  # a link, not a second copy
     v1 = load_file(str(src["v1"] / "model.safetensors"))
-    assert all(torch.equal(t, v1[k]) for k, t in _load(project / "artifacts/merges/ta").items())
+    assert all(torch.equal(t, v1[k]) for k, t in load_dir(project / "artifacts/merges/ta").items())
     assert repro(project, env)[0] == {"compose"}
     sha2 = hub_cache(cache, "org/tuned", src["v2"])  # the branch moves to a new commit
     ran, _ = repro(project, env)
     assert ran == {"compose", "fetch-tuned", "merge-ta"}
     v2 = load_file(str(src["v2"] / "model.safetensors"))
-    assert all(torch.equal(t, v2[k]) for k, t in _load(project / "artifacts/merges/ta").items())
+    assert all(torch.equal(t, v2[k]) for k, t in load_dir(project / "artifacts/merges/ta").items())
     assert sha2 in (project / "params.yaml").read_text()
     written = [f for f in project.rglob("*") if f.is_file() and ".git" not in f.parts]
     assert written and not [f for f in written if token.encode() in f.read_bytes()]
