@@ -121,5 +121,13 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def leave(code: int) -> None:
+    """Exit once the output is complete and closed, without the interpreter's teardown: unloading
+    torch took 0.1-0.15 s after a merge, 3% of a 1.9 GB linear merge, and did nothing for anyone."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    leave(main())

@@ -22,7 +22,6 @@ from .checkpoint import Checkpoint
 from .devices import is_device_name
 from .errors import MergeError
 from .files import write_side_files
-from .chunks import CHUNK, scratch
 from .methods.job import TensorJob
 from .outputs import OutputBuffers
 from .plan import MergePlan, TensorTask, build_plan
@@ -230,6 +229,7 @@ def _run(plan: MergePlan, writer: ShardWriter, device: torch.device, options: Me
     writes: deque = deque()
     written = 0
     tasks = plan.tasks
+    file_offsets = writer.offsets()
     nxt = 0
 
     def fetch(task: TensorTask):
@@ -252,7 +252,8 @@ def _run(plan: MergePlan, writer: ShardWriter, device: torch.device, options: Me
                 future, _ = pending.popleft()
                 loaded = [transfers.arrive(*future.result())]
                 del future
-                out = merge_task(plan, task, *loaded[0], device, options, extras.get(task.name, {}))
+                out = merge_task(plan, task, *loaded[0], device, options, extras.get(task.name, {}),
+                                 file_offsets[task.name])
                 frees.submit(loaded.clear)  # freeing the inputs (on the CPU, page-table work) off the merge thread
                 del loaded
                 while len(writes) >= 2:
@@ -277,7 +278,7 @@ def _finish(write: tuple, options: MergeOptions) -> None:
 
 
 def _job(plan: MergePlan, task: TensorTask, inputs: list[torch.Tensor], base: torch.Tensor | None,
-         device: torch.device, options: MergeOptions, extra: dict | None = None) -> TensorJob:
+         device: torch.device, options: MergeOptions, extra: dict | None = None, file_offset: int = 0) -> TensorJob:
     inputs = [x.to(device) for x in inputs]
     base = base.to(device) if base is not None else None
     if task.vocab:
@@ -285,7 +286,7 @@ def _job(plan: MergePlan, task: TensorTask, inputs: list[torch.Tensor], base: to
     return TensorJob(name=task.name, tensors=inputs, base=base, model_params=task.model_params,
                      params=task.params, seed=options.seed, extra=extra or {}, compute_dtype=options.compute_dtype,
                      load_dtype=plan.load_dtype, out_dtype=task.out_dtype, pool=options.pool, draws=options.draws,
-                     outputs=options.outputs)
+                     outputs=options.outputs, file_offset=file_offset)
 
 
 def _align_vocab(plan: MergePlan, task: TensorTask, inputs: list[torch.Tensor],
@@ -299,9 +300,10 @@ def _align_vocab(plan: MergePlan, task: TensorTask, inputs: list[torch.Tensor],
 
 
 def merge_task(plan: MergePlan, task: TensorTask, inputs: list[torch.Tensor], base: torch.Tensor | None,
-               device: torch.device, options: MergeOptions, extra: dict | None = None) -> torch.Tensor:
+               device: torch.device, options: MergeOptions, extra: dict | None = None,
+               file_offset: int = 0) -> torch.Tensor:
     """Merge one tensor on the device, check the result is finite, cast it to the output dtype
-    (the result stays on the device)."""
+    (the result stays on the device). file_offset: where the writer will put it (OutputBuffers)."""
     if task.copy:
         first = inputs[0]
         for (idx, _), other in zip(task.inputs[1:], inputs[1:]):
@@ -309,28 +311,10 @@ def merge_task(plan: MergePlan, task: TensorTask, inputs: list[torch.Tensor], ba
                 raise MergeError(f"tensor '{task.name}' is not floating point and differs between "
                                  f"'{plan.checkpoints[task.inputs[0][0]].ref}' and '{plan.checkpoints[idx].ref}'")
         return first
-    out = plan.recipe.method.merge(_job(plan, task, inputs, base, device, options, extra)).to(dtype=task.out_dtype)
-    if not all_finite(out, options.pool):
+    job = _job(plan, task, inputs, base, device, options, extra, file_offset)
+    out = plan.recipe.method.merge(job).to(dtype=task.out_dtype)
+    if not job.is_finite(out):
         raise MergeError(f"tensor '{task.name}': the merge produced NaN or Inf "
                          f"(method {plan.recipe.method.name}, parameters {task.params}, per model {task.model_params})")
     return out
 
-
-EXPONENT_BITS = {torch.bfloat16: (torch.int16, 0x7F80), torch.float16: (torch.int16, 0x7C00),
-                 torch.float32: (torch.int32, 0x7F800000), torch.float64: (torch.int64, 0x7FF0000000000000)}
-
-
-def all_finite(t: torch.Tensor, pool: Executor | None = None) -> bool:
-    """No NaN or Inf: no entry has an all-ones exponent (an integer pass, ~7x faster than isfinite
-    on bf16), chunk by chunk (on the pool if given) into scratch buffers that stay in cache. On a
-    GPU, one pass with one wait for its answer."""
-    if t.dtype not in EXPONENT_BITS or t.numel() == 0 or t.device.type != "cpu":
-        return bool(torch.isfinite(t).all())
-    view, mask = EXPONENT_BITS[t.dtype]
-    flat = t.reshape(-1).view(view)
-
-    def clean(start: int) -> bool:
-        part = flat[start:start + CHUNK]
-        return int(torch.bitwise_and(part, mask, out=scratch(1, view, t.device)[0][:part.numel()]).max()) != mask
-    starts = range(0, flat.numel(), CHUNK)
-    return all(pool.map(clean, starts) if pool is not None else map(clean, starts))

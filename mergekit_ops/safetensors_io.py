@@ -15,6 +15,7 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from .errors import CheckpointError
@@ -31,6 +32,7 @@ MADV_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22 if os.uname().sysnam
 O_DIRECT = getattr(os, "O_DIRECT", 0)  # 0 where the platform has none: buffered writes
 BLOCK = 4096  # O_DIRECT alignment of offsets, lengths and buffers
 STAGE_BYTES = 8 << 20  # page-aligned staging buffer for direct writes
+DIRECT_MIN_BYTES = 1 << 20  # smaller data is copied into the stage: a write call each costs more
 
 
 @dataclass(frozen=True)
@@ -189,10 +191,21 @@ class ShardWriter:
         self.shards = shards
         self.metadata = {"format": "pt", **(metadata or {})}
         self._order = [(s, name, dtype, shape) for s in shards for name, dtype, shape in s.tensors]
+        self._headers = {s.filename: s.header_bytes(self.metadata) for s in shards}
         self._pos = 0
         self._file = None
         self._shard = None
         self.sha256, self._hash = sha256, None
+
+    def offsets(self) -> dict[str, int]:
+        """Each tensor's byte offset in its file (header included)."""
+        found = {}
+        for shard in self.shards:
+            at = len(self._headers[shard.filename])
+            for name, dtype, shape in shard.tensors:
+                found[name] = at
+                at += tensor_nbytes(dtype, shape)
+        return found
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
         shard, want, dtype, shape = self._order[self._pos]
@@ -203,7 +216,7 @@ class ShardWriter:
             self._shard = shard
             self._file = SequentialFile(self.out_dir / shard.filename)
             self._hash = hashlib.sha256() if self.sha256 is not None else None
-            self._put(memoryview(shard.header_bytes(self.metadata)))
+            self._put(memoryview(self._headers[shard.filename]))
         self._put(memoryview(tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()))
         self._pos += 1
 
@@ -241,8 +254,9 @@ class SequentialFile:
 
     Buffered writes of a multi-GB output into fresh page-cache pages cost more CPU than a linear
     merge itself on the VMs we measured (and varied 0.5-6 s for 1.9 GB); direct writes cost ~0.1 s
-    of CPU at disk speed. Bytes pass through a page-aligned staging buffer; the last partial block
-    is padded, written, and the file truncated to its true size.
+    of CPU at disk speed. Bytes pass through a page-aligned staging buffer, except the whole blocks
+    of data whose memory is aligned as its place in the file is; every write starts and ends on a
+    block, so the last partial block is padded, written, and the file truncated to its true size.
     """
 
     def __init__(self, path: Path):
@@ -260,10 +274,24 @@ class SequentialFile:
         self.fd = os.open(path, flags, 0o666)
 
     def write(self, data: memoryview) -> None:
+        """Append data. Where data's address matches its file offset modulo BLOCK (see
+        OutputBuffers), its whole blocks go to the disk straight from its memory: copying every
+        byte through the stage was a tenth of a linear merge's CPU time."""
         self.size += len(data)
         if self.stage is None:
             _write_all(self.fd, data)
             return
+        head = -self.fill % BLOCK  # bytes that complete the staged block
+        if len(data) >= head + DIRECT_MIN_BYTES and (_address(data) + head) % BLOCK == 0:
+            self._stage(data[:head])
+            if self.fill:
+                self._flush(self.fill)
+            body = (len(data) - head) // BLOCK * BLOCK
+            _write_all(self.fd, data[head:head + body])
+            data = data[head + body:]
+        self._stage(data)
+
+    def _stage(self, data: memoryview) -> None:
         while len(data):
             k = min(len(data), STAGE_BYTES - self.fill)
             self.stage[self.fill:self.fill + k] = data[:k]
@@ -293,6 +321,10 @@ class SequentialFile:
     def _flush(self, n: int) -> None:
         _write_all(self.fd, memoryview(self.stage)[:n])
         self.fill = 0
+
+
+def _address(data: memoryview) -> int:
+    return np.frombuffer(data, dtype=np.uint8).ctypes.data
 
 
 def _write_all(fd: int, data: memoryview) -> None:

@@ -1,5 +1,6 @@
 """End-to-end merges of tiny checkpoints on disk: identities, determinism, output layout, errors."""
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -177,16 +178,50 @@ def test_missing_tensor_is_named(tmp_path, family):
         merge(r, tmp_path / "out")
 
 
-def test_nan_output_is_an_error_naming_the_tensor(tmp_path, family):
+NAN_CASES = {  # method: (recipe keys, per-model parameters), one for each way an output is checked
+    "linear": ({}, {"weight": 1.0}),  # weighted_sum stores slices
+    "ties": ({"base_model": "base"}, {"weight": 1.0, "density": 0.5}),  # map_chunks stores slices
+    "nearswap": ({"base_model": "base", "parameters": {"t": 0.5}}, None),  # one model
+    "karcher": ({}, None),  # a whole-tensor result, checked in one pass
+}
+
+
+@pytest.mark.parametrize("method", list(NAN_CASES))
+@pytest.mark.parametrize("bad", [float("inf"), float("-inf"), float("nan")])
+def test_nan_output_is_an_error_naming_the_tensor(tmp_path, family, method, bad, monkeypatch):
+    """Streamed outputs are checked slice by slice as they are stored: the bad entry lands in a
+    random slice of many (7-element slices here), and any slice's NaN/Inf must be found."""
+    monkeypatch.setattr("mergekit_ops.methods.job.span", lambda device: 7)
+    name = "model.layers.2.self_attn.v_proj.weight"
     state = load_file(str(family["m0"] / "model.safetensors"))
-    state["model.layers.2.self_attn.v_proj.weight"][0, 0] = float("inf")
-    write_model(tmp_path / "inf", state)
-    r = _recipe(tmp_path, {"merge_method": "linear", "models": [
-        {"model": str(family["m1"]), "parameters": {"weight": 1.0}},
-        {"model": str(tmp_path / "inf"), "parameters": {"weight": 1.0}}]})
-    with pytest.raises(MergeError, match=r"model\.layers\.2\.self_attn\.v_proj\.weight.*NaN or Inf"):
+    flat = state[name].view(-1)
+    flat[int(torch.randint(0, flat.numel(), ()))] = bad
+    write_model(tmp_path / "bad", state)
+    keys, model_params = NAN_CASES[method]
+    models = ([str(family["m1"])] if method != "nearswap" else []) + [str(tmp_path / "bad")]
+    body = {"merge_method": method, **keys, "models": [
+        {"model": m, **({"parameters": model_params} if model_params else {})} for m in models]}
+    if "base_model" in body:
+        body["base_model"] = str(family["base"])
+    r = _recipe(tmp_path, body)
+    with pytest.raises(MergeError, match=rf"{re.escape(name)}.*NaN or Inf"):
         merge(r, tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_overflow_to_the_output_dtype_is_an_error(tmp_path, family, monkeypatch):
+    """Finite in the compute dtype, infinite once stored as float16: the check is of the output."""
+    monkeypatch.setattr("mergekit_ops.methods.job.span", lambda device: 7)
+    name = "model.layers.1.mlp.down_proj.weight"
+    states = {m: load_file(str(family[m] / "model.safetensors")) for m in ("m0", "m1")}
+    at = int(torch.randint(0, states["m0"][name].numel(), ()))
+    for m, state in states.items():
+        state[name].view(-1)[at] = 40000.0  # the sum, 80000, is above float16's 65504
+        write_model(tmp_path / m, state)
+    r = _recipe(tmp_path, {"merge_method": "linear", "out_dtype": "float16", "parameters": {"normalize": False}, "models": [
+        {"model": str(tmp_path / m), "parameters": {"weight": 1.0}} for m in states]})
+    with pytest.raises(MergeError, match=rf"{re.escape(name)}.*NaN or Inf"):
+        merge(r, tmp_path / "out")
 
 
 def test_zero_weight_sum_with_normalize_is_a_recipe_error(tmp_path, family):

@@ -48,3 +48,18 @@ def test_kept_bytes_and_a_fresh_buffer_stay_under_the_cap(seed, monkeypatch):
     big = cap // 4 - 10  # float32: cap - 40 bytes
     pool.take(big, torch.float32, CPU)
     assert pool.free_bytes + 4 * big <= cap
+
+
+def test_a_buffer_starts_where_its_bytes_sit_in_the_file_modulo_a_page(seed):
+    """So the writer sends it to the disk without copying it; a recycled buffer is realigned."""
+    pool = OutputBuffers()
+    n = _size()
+    for dtype in (torch.bfloat16, torch.float32):
+        for _ in range(3):
+            at = int(torch.randint(0, 10**9, ())) * dtype.itemsize
+            buf = pool.take(n, dtype, CPU, at)
+            assert buf.numel() == n and buf.dtype == dtype and buf.data_ptr() % outputs.PAGE == at % outputs.PAGE
+            buf.fill_(1)  # all of it is usable
+            pool.give(buf)
+    odd = pool.take(n, torch.float32, CPU, 4 * int(torch.randint(0, 1000, ())) + 2)  # no float32 there
+    assert odd.data_ptr() % 4 == 0

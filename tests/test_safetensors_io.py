@@ -104,6 +104,60 @@ def test_sequential_file_writes_exact_bytes_across_stage_boundaries(tmp_path, mo
     assert (tmp_path / "x.bin").read_bytes() == b"".join(p.numpy().tobytes() for p in pieces)
 
 
+def test_aligned_data_is_written_from_its_own_memory(tmp_path, monkeypatch, seed):
+    """Data whose address matches its file offset modulo a block skips the stage (its whole
+    blocks); the file holds exactly the bytes written, aligned or not, in order."""
+    import mmap
+
+    from mergekit_ops import safetensors_io as sio
+
+    monkeypatch.setattr(sio, "STAGE_BYTES", 2 * sio.BLOCK)
+    monkeypatch.setattr(sio, "DIRECT_MIN_BYTES", sio.BLOCK)
+    f = sio.SequentialFile(tmp_path / "x.bin")
+    if f.stage is None:
+        pytest.skip("this filesystem refuses O_DIRECT")
+    stage_at = sio._address(memoryview(f.stage))
+    unstaged = []
+    real_write = sio._write_all
+
+    def recording(fd, data):
+        if not stage_at <= sio._address(data) < stage_at + sio.STAGE_BYTES:
+            unstaged.append(len(data))
+        real_write(fd, data)
+    monkeypatch.setattr(sio, "_write_all", recording)
+    memory = mmap.mmap(-1, 64 * sio.BLOCK)  # page-aligned
+    written, expect_unstaged, pos = [], 0, 0
+    for i in range(12):
+        n = int(torch.randint(0 if i else 2 * sio.BLOCK, 6 * sio.BLOCK, ()))
+        aligned = i == 0 or bool(torch.randint(0, 2, ()))  # the first one surely
+        start = pos % sio.BLOCK + (0 if aligned else 1 + int(torch.randint(0, sio.BLOCK - 1, ())))
+        start += sio.BLOCK * int(torch.randint(0, 8, ()))
+        piece = memoryview(memory)[start:start + n]
+        piece[:] = torch.randint(0, 256, (n,), dtype=torch.uint8).numpy().tobytes()
+        head = -pos % sio.BLOCK
+        if aligned and n >= head + sio.BLOCK:
+            expect_unstaged += (n - head) // sio.BLOCK * sio.BLOCK
+        f.write(piece)
+        written.append(bytes(piece))
+        pos += n
+    f.close()
+    assert (tmp_path / "x.bin").read_bytes() == b"".join(written)
+    assert sum(unstaged) == expect_unstaged
+
+
+def test_writer_offsets_are_where_the_tensors_land(tmp_path):
+    state = _random_state()
+    shards = plan_shards([(k, v.dtype, tuple(v.shape)) for k, v in state.items()], max_bytes=60)
+    writer = ShardWriter(tmp_path, shards)
+    offsets = writer.offsets()
+    for k, v in state.items():
+        writer.write(k, v)
+    writer.close()
+    for path in tmp_path.glob("*.safetensors"):
+        for name, info in read_header(path)[0].items():
+            assert offsets[name] == info.offset
+
+
 def test_a_failed_write_aborts_cleanly(tmp_path, monkeypatch):
     from mergekit_ops import safetensors_io
 

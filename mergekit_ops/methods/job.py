@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from ..chunks import CHUNK, scratch, span
+from ..finite import all_finite, part_is_finite
 from ..outputs import OutputBuffers
 
 
@@ -36,6 +37,9 @@ class TensorJob:
     pool: Executor | None = None  # runs map_chunks' and per-input work side by side; None: in order here
     draws: Executor | None = None  # on a GPU: a slice's per-chunk draws side by side (the pool runs slices)
     outputs: OutputBuffers | None = None  # recycled output buffers; None: fresh ones
+    file_offset: int = 0  # where the output's bytes go in their file: a buffer aligned as they are is not copied
+    _output: torch.Tensor | None = field(default=None, init=False, repr=False)  # empty_output's buffer
+    _stored: list[tuple[int, bool]] = field(default_factory=list, init=False, repr=False)  # store's (size, finite)
 
     @property
     def shape(self) -> torch.Size:
@@ -109,7 +113,7 @@ class TensorJob:
             self._fill(acc, terms[0][sl]).mul_(coefs[0])
             for c, x in zip(coefs[1:], terms[1:]):
                 acc.add_(self._fill(tmp, x[sl]), alpha=c)
-            out[sl] = acc
+            self.store(out, sl, acc)
         self.map_slices(merge_chunk)
         return out.view(self.shape)
 
@@ -127,10 +131,29 @@ class TensorJob:
         return buf.copy_(x.to(self.load_dtype) if self.load_dtype is not None else x)
 
     def empty_output(self) -> torch.Tensor:
-        """A flat output buffer that streaming methods fill slice by slice."""
+        """A flat output buffer that streaming methods fill slice by slice, through `store`."""
         if self.outputs is not None:
-            return self.outputs.take(self.numel, self.out_dtype, self.device)
-        return torch.empty(self.numel, dtype=self.out_dtype, device=self.device)
+            self._output = self.outputs.take(self.numel, self.out_dtype, self.device, self.file_offset)
+        else:
+            self._output = torch.empty(self.numel, dtype=self.out_dtype, device=self.device)
+        return self._output
+
+    def store(self, out: torch.Tensor, sl: slice, value: torch.Tensor) -> None:
+        """out[sl] = value (out from empty_output), then, on the CPU, a NaN/Inf check of that
+        slice while it is in cache: a pass over the whole output afterwards read it back from
+        memory, a tenth of a linear merge's time."""
+        out[sl] = value
+        if out.device.type == "cpu":
+            self._stored.append((sl.stop - sl.start, part_is_finite(out[sl])))
+
+    def is_finite(self, out: torch.Tensor) -> bool:
+        """No NaN or Inf in out, the merged tensor in its output dtype: by the checks `store` made
+        when it wrote every element of out, else by a pass over it."""
+        streamed = self._output
+        if (streamed is not None and out.data_ptr() == streamed.data_ptr() and out.dtype == streamed.dtype
+                and sum(n for n, _ in self._stored) == self.numel):
+            return all(ok for _, ok in self._stored)
+        return all_finite(out, self.pool)
 
     def stream_seed(self, index: int, chunk: int | None = None) -> int:
         """The seed private to (seed, tensor, input[, chunk]): random draws never depend on

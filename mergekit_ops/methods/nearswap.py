@@ -11,6 +11,6 @@ def merge_nearswap(job: TensorJob) -> torch.Tensor:
 
     def merge_chunk(sl, xs, base):
         w = (job.params["t"] / (base - xs[0]).abs().clamp_min(1e-6)).clamp_(0, 1)
-        out[sl] = torch.lerp(base, xs[0], w)
+        job.store(out, sl, torch.lerp(base, xs[0], w))
     job.map_chunks(merge_chunk)
     return out.view(job.shape)

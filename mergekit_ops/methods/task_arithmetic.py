@@ -80,7 +80,7 @@ def generalized_merge(job: TensorJob, sparsify: Sparsify | None, consensus: bool
                 mix += d
             if normalize:
                 mix /= total_weight
-        out[sl] = base.add_(mix, alpha=scale)
+        job.store(out, sl, base.add_(mix, alpha=scale))
 
     job.map_chunks(merge_chunk)
     return out.view(job.shape)
