@@ -12,8 +12,9 @@ import weakref
 
 import torch
 
+from .safetensors_io import BLOCK
+
 KEEP_BYTES = 128 * 2**20  # kept buffers plus a fresh one stay under this: the peak (at the biggest tensor) is not raised
-PAGE = 4096  # the alignment of direct writes (safetensors_io.BLOCK)
 
 
 class OutputBuffers:
@@ -26,7 +27,7 @@ class OutputBuffers:
 
     def take(self, numel: int, dtype: torch.dtype, device: torch.device, file_offset: int = 0) -> torch.Tensor:
         """A flat buffer of numel dtype entries; on the CPU its address equals file_offset modulo
-        PAGE where the dtype's alignment allows."""
+        BLOCK (a direct write's alignment) where the dtype's alignment allows."""
         size = _storage_bytes(numel * dtype.itemsize, device)
         if (size, device) in self.free:
             storage = self._pop((size, device))
@@ -34,7 +35,7 @@ class OutputBuffers:
             while self.free and self.free_bytes + size > KEEP_BYTES:  # make room
                 self._pop(max(self.free, key=lambda k: k[0]))  # the biggest kept
             storage = torch.UntypedStorage(size, device=device)
-        skip = (file_offset - storage.data_ptr()) % PAGE if device.type == "cpu" else 0
+        skip = (file_offset - storage.data_ptr()) % BLOCK if device.type == "cpu" else 0
         if skip % dtype.itemsize:
             skip = 0
         buf = torch.empty(0, dtype=dtype, device=device).set_(storage, skip // dtype.itemsize, (numel,))
@@ -63,4 +64,4 @@ class OutputBuffers:
 
 def _storage_bytes(nbytes: int, device: torch.device) -> int:
     """A buffer's allocation: on the CPU a page more, to start it anywhere in a page."""
-    return nbytes + (PAGE if device.type == "cpu" else 0)
+    return nbytes + (BLOCK if device.type == "cpu" else 0)

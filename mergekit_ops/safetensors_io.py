@@ -139,13 +139,19 @@ class ShardPlan:
     filename: str
     tensors: list[tuple[str, torch.dtype, tuple[int, ...]]]
 
+    def data_offsets(self) -> dict[str, tuple[int, int]]:
+        """Each tensor's (begin, end) in the data section, in write order."""
+        spans, offset = {}, 0
+        for name, dtype, shape in self.tensors:
+            spans[name] = (offset, offset + tensor_nbytes(dtype, shape))
+            offset = spans[name][1]
+        return spans
+
     def header_bytes(self, metadata: dict[str, str]) -> bytes:
         header: dict = {"__metadata__": metadata}
-        offset = 0
+        spans = self.data_offsets()
         for name, dtype, shape in self.tensors:
-            n = tensor_nbytes(dtype, shape)
-            header[name] = {"dtype": DTYPE_NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + n]}
-            offset += n
+            header[name] = {"dtype": DTYPE_NAMES[dtype], "shape": list(shape), "data_offsets": list(spans[name])}
         blob = json.dumps(header, separators=(",", ":")).encode()
         blob += b" " * (-len(blob) % 8)  # data section aligned to 8 bytes, as the reference writer does
         return struct.pack("<Q", len(blob)) + blob
@@ -198,13 +204,8 @@ class ShardWriter:
 
     def offsets(self) -> dict[str, int]:
         """Each tensor's byte offset in its file (header included)."""
-        found = {}
-        for shard in self.shards:
-            at = len(self._headers[shard.filename])
-            for name, dtype, shape in shard.tensors:
-                found[name] = at
-                at += tensor_nbytes(dtype, shape)
-        return found
+        return {name: len(self._headers[shard.filename]) + begin
+                for shard in self.shards for name, (begin, _) in shard.data_offsets().items()}
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
         shard, want, dtype, shape = self._order[self._pos]

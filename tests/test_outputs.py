@@ -3,6 +3,7 @@ import torch
 
 from mergekit_ops import outputs
 from mergekit_ops.outputs import OutputBuffers
+from mergekit_ops.safetensors_io import BLOCK
 
 CPU = torch.device("cpu")
 
@@ -58,7 +59,7 @@ def test_a_buffer_starts_where_its_bytes_sit_in_the_file_modulo_a_page(seed):
         for _ in range(3):
             at = int(torch.randint(0, 10**9, ())) * dtype.itemsize
             buf = pool.take(n, dtype, CPU, at)
-            assert buf.numel() == n and buf.dtype == dtype and buf.data_ptr() % outputs.PAGE == at % outputs.PAGE
+            assert buf.numel() == n and buf.dtype == dtype and buf.data_ptr() % BLOCK == at % BLOCK
             buf.fill_(1)  # all of it is usable
             pool.give(buf)
     odd = pool.take(n, torch.float32, CPU, 4 * int(torch.randint(0, 1000, ())) + 2)  # no float32 there
