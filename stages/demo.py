@@ -168,7 +168,7 @@ def new_model():
 
 
 def main(out_dir: str) -> None:
-    torch.set_num_threads(1)  # one summation order on every machine: the same bytes every run
+    torch.set_num_threads(1)  # one summation order: the same bytes on every run on one kind of CPU
     torch.use_deterministic_algorithms(True)
     torch.manual_seed(SEED)
     root = Path(out_dir)
