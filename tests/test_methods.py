@@ -14,6 +14,7 @@ from mergekit_ops.methods import METHODS
 from mergekit_ops.methods.base import REQUIRED
 from mergekit_ops.methods import job as job_module
 from mergekit_ops.methods.job import TensorJob
+from mergekit_ops.methods.task_arithmetic import ones_where_zero, unit_signs
 
 SHAPE = (12, 10)
 
@@ -300,6 +301,43 @@ def test_streamed_methods_do_not_depend_on_chunk_boundaries(method, params, mode
     whole = _run(method, *args, **params)
     monkeypatch.setattr("mergekit_ops.methods.job.span", lambda device: 7)
     torch.testing.assert_close(_run(method, *args, **params), whole, atol=1e-6, rtol=1e-5)
+
+
+SPECIALS = [0.0, -0.0, math.inf, -math.inf, math.nan]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+def test_unit_signs_is_copysign_of_one_bit_for_bit(dtype, seed):
+    x = torch.randn(300).to(dtype)
+    x[torch.randperm(300)[:5]] = torch.tensor(SPECIALS, dtype=dtype)
+    expected = torch.copysign(torch.ones((), dtype=dtype), x)
+    assert torch.equal(unit_signs(x.clone()).view(torch.uint8), expected.view(torch.uint8))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+def test_ones_where_zero_replaces_both_zeros_and_nothing_else(dtype, seed):
+    x = torch.randn(300).to(dtype)
+    spots = torch.randperm(300)[:5]
+    x[spots] = torch.tensor(SPECIALS, dtype=dtype)
+    expected = torch.where(x == 0, torch.ones((), dtype=dtype), x)
+    out = ones_where_zero(x, spare=torch.randn(300).to(dtype))
+    torch.testing.assert_close(out, expected, atol=0, rtol=0, equal_nan=True)  # (a NaN's payload may change)
+
+
+def test_sum_deltas_totals_each_listed_input_in_order_whatever_the_schedule(seed, monkeypatch):
+    base = torch.randn(50).bfloat16()
+    xs = [(base.float() + torch.randn(50) * (i + 1)).bfloat16() for i in range(3)]
+    job = TensorJob("t", xs, base, [{}] * 3, {})
+
+    def moments(sl, i, delta):
+        return [float(delta.sum()), float(delta.square().sum())]
+    monkeypatch.setattr("mergekit_ops.methods.job.span", lambda device: 7)  # 8 slices, the last partial
+    totals = job.sum_deltas([2, 0], moments, 2)
+    deltas = [xs[i].double() - base.double() for i in (2, 0)]
+    expected = [v for d in deltas for v in (float(d.sum()), float(d.square().sum()))]
+    assert totals == pytest.approx(expected, rel=1e-5, abs=1e-5)
+    with ThreadPoolExecutor(2) as pool:
+        assert replace(job, pool=pool).sum_deltas([2, 0], moments, 2) == totals  # the same bits
 
 
 @pytest.mark.parametrize("method", ["dare_linear", "dare_ties", "ties", "breadcrumbs", "model_stock"])

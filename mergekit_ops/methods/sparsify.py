@@ -59,18 +59,15 @@ class Sparsifier:
 
 def set_l1_scales(job: TensorJob, sparse: list[Sparsifier]) -> None:
     """The 'l1' rescale of every input that asks for it, from one pass over the chunks (side by
-    side on the pool; partial norms added in chunk order)."""
+    side on the pool; partial norms added in chunk order; TensorJob.sum_deltas)."""
     inputs = [i for i, s in enumerate(sparse) if s.l1]
     if not inputs:
         return
 
-    def norms(sl, xs, base):  # per input: the L1 norms of its delta and of what it keeps
-        sums = []
-        for i in inputs:
-            magnitude = xs[i].sub_(base).abs_()
-            sums += [float(magnitude.sum()), sparse[i].kept_l1(sl, magnitude)]
-        return sums
-    totals = job.sum_chunks(norms, 2 * len(inputs))
+    def norms(sl, i, delta):  # the L1 norms of input i's delta and of what it keeps
+        magnitude = delta.abs_()
+        return [float(magnitude.sum()), sparse[i].kept_l1(sl, magnitude)]
+    totals = job.sum_deltas(inputs, norms, 2)
     for k, i in enumerate(inputs):
         before, after = totals[2 * k], totals[2 * k + 1]
         sparse[i].scale = before / after if before >= 1e-7 and after >= 1e-7 else 1.0
