@@ -62,7 +62,7 @@ def generalized_merge(job: TensorJob, sparsify: Sparsify | None, consensus: bool
             # the elected sign; a zero sum counts as + (a -0.0 sum means every delta is zero, so none agrees)
             unit_signs(sign)
             # the agreeing parts are summed into the first delta's buffer, and the zero test reuses
-            # the sign's: with buffers of their own, a slice's work no longer fit in the cache
+            # the sign's: three slice buffers fewer to keep in cache (on a GPU, 64 MB each)
             mix = None
             for d, w in zip(deltas, weights):
                 agreeing = d.mul_(sign).clamp_(min=0)  # |d| where d has the elected sign, else 0
@@ -95,7 +95,7 @@ ONE_BITS = {dtype: int(torch.tensor(1.0, dtype=dtype).view(INT_VIEWS[dtype.items
 
 def unit_signs(x: torch.Tensor) -> torch.Tensor:
     """copysign(1, x) in place, by bits: x's sign bit over the bits of 1.0 (copysign with a
-    tensor of ones cost four times more)."""
+    tensor of ones took three times as long, and copied the ones to the device per slice)."""
     ints = x.view(INT_VIEWS[x.element_size()])
     ints.bitwise_and_(-1 << (8 * x.element_size() - 1)).bitwise_or_(ONE_BITS[x.dtype])
     return x
