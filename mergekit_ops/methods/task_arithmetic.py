@@ -61,17 +61,15 @@ def generalized_merge(job: TensorJob, sparsify: Sparsify | None, consensus: bool
                 sign += d
             # the elected sign; a zero sum counts as + (a -0.0 sum means every delta is zero, so none agrees)
             unit_signs(sign)
-            # the agreeing parts are summed into the first delta's buffer, and the zero test reuses
-            # the sign's: three slice buffers fewer to keep in cache (on a GPU, 64 MB each)
-            mix = None
-            for d, w in zip(deltas, weights):
-                agreeing = d.mul_(sign).clamp_(min=0)  # |d| where d has the elected sign, else 0
-                if mix is None:
-                    mix = agreeing.add_(0.0)  # as a sum from +0.0: a -0.0 becomes +0.0
-                    torch.sign(agreeing, out=divisor).mul_(w)
-                else:
-                    mix += agreeing
-                    divisor.add_(agreeing.sign_(), alpha=w)
+            # the agreeing parts (|d| where d has the elected sign, else 0) are summed into the first
+            # delta's buffer, and the zero test reuses the sign's: three slice buffers fewer to keep
+            # in cache (on a GPU, 64 MB each). add_(0.0): a sum from +0.0 turns a -0.0 into +0.0
+            mix = deltas[0].mul_(sign).clamp_(min=0).add_(0.0)
+            torch.sign(mix, out=divisor).mul_(weights[0])
+            for d, w in zip(deltas[1:], weights[1:]):
+                agreeing = d.mul_(sign).clamp_(min=0)
+                mix += agreeing
+                divisor.add_(agreeing.sign_(), alpha=w)
             mix *= sign
             mix /= ones_where_zero(divisor, spare=sign)
         elif consensus:
