@@ -33,6 +33,7 @@ O_DIRECT = getattr(os, "O_DIRECT", 0)  # 0 where the platform has none: buffered
 BLOCK = 4096  # O_DIRECT alignment of offsets, lengths and buffers
 STAGE_BYTES = 8 << 20  # page-aligned staging buffer for direct writes
 DIRECT_MIN_BYTES = 1 << 20  # smaller data is copied into the stage: a write call each costs more
+IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 16  # buffers per writev
 
 
 @dataclass(frozen=True)
@@ -188,7 +189,8 @@ def plan_shards(tensors: list[tuple[str, torch.dtype, tuple[int, ...]]], max_byt
 class ShardWriter:
     """Streams tensors, in the planned order, into pre-planned shard files; with `sha256` (a dict),
     records each finished file's sha256 there by file name, hashed as written (the files are
-    written with O_DIRECT, so hashing them afterwards would read them back from disk)."""
+    written with O_DIRECT, so hashing them afterwards would read them back from disk). A tensor
+    given to write() may be read until the next flush() or close()."""
 
     def __init__(self, out_dir: Path, shards: list[ShardPlan], metadata: dict[str, str] | None = None,
                  sha256: dict[str, str] | None = None):
@@ -225,6 +227,11 @@ class ShardWriter:
         if self._hash is not None:
             self._hash.update(data)  # releases the GIL for large buffers
 
+    def flush(self) -> None:
+        """Send everything written so far to the file: the tensors given to write() may change after."""
+        if self._file is not None:
+            self._file.flush()
+
     def close(self) -> None:
         if self._pos != len(self._order):
             raise RuntimeError(f"writer closed after {self._pos} of {len(self._order)} tensors")
@@ -257,11 +264,15 @@ class SequentialFile:
     of CPU at disk speed. Bytes pass through a page-aligned staging buffer, except the whole blocks
     of data whose memory is aligned as its place in the file is; every write starts and ends on a
     block, so the last partial block is padded, written, and the file truncated to its true size.
+    Whole blocks wait for flush() (or a full stage, or close()) and then go in one writev: the
+    engine flushes once per batch of tensors (engine.WRITE_BATCH_BYTES).
     """
 
     def __init__(self, path: Path):
         self.path, self.size, self.fill = path, 0, 0
         self.stage: mmap.mmap | None = None
+        self.sent = 0  # stage bytes before this are queued in `pending`
+        self.pending: list[memoryview] = []  # whole blocks to write, in file order, at flush()
         flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
         if O_DIRECT:
             try:
@@ -274,9 +285,10 @@ class SequentialFile:
         self.fd = os.open(path, flags, 0o666)
 
     def write(self, data: memoryview) -> None:
-        """Append data. Where data's address matches its file offset modulo BLOCK (see
-        OutputBuffers), its whole blocks go to the disk straight from its memory: copying every
-        byte through the stage was a tenth of a linear merge's CPU time."""
+        """Append data; its whole blocks may wait for flush() (data must stay unchanged until then).
+        Where data's address matches its file offset modulo BLOCK (see OutputBuffers), its whole
+        blocks go to the disk straight from its memory: copying every byte through the stage was a
+        tenth of a linear merge's CPU time."""
         self.size += len(data)
         if self.stage is None:
             _write_all(self.fd, data)
@@ -284,12 +296,29 @@ class SequentialFile:
         head = -self.fill % BLOCK  # bytes that complete the staged block
         if len(data) >= head + DIRECT_MIN_BYTES and (_address(data) + head) % BLOCK == 0:
             self._stage(data[:head])
-            if self.fill:
-                self._flush(self.fill)
             body = (len(data) - head) // BLOCK * BLOCK
-            _write_all(self.fd, data[head:head + body])
+            self._queue(self.fill)
+            self.pending.append(data[head:head + body])
             data = data[head + body:]
         self._stage(data)
+
+    def flush(self) -> None:
+        """Write every whole block written so far, in one call where the kernel allows."""
+        if self.stage is None:
+            return
+        whole = self.fill - self.fill % BLOCK
+        self._queue(whole)
+        _write_all(self.fd, *self.pending)
+        self.pending.clear()
+        # the partial block goes to the stage's start (bytes may overlap: a slice assignment copies)
+        self.stage[:self.fill - whole] = self.stage[whole:self.fill]
+        self.fill -= whole
+        self.sent = 0
+
+    def _queue(self, upto: int) -> None:
+        if upto > self.sent:
+            self.pending.append(memoryview(self.stage)[self.sent:upto])
+            self.sent = upto
 
     def _stage(self, data: memoryview) -> None:
         while len(data):
@@ -297,15 +326,16 @@ class SequentialFile:
             self.stage[self.fill:self.fill + k] = data[:k]
             self.fill, data = self.fill + k, data[k:]
             if self.fill == STAGE_BYTES:
-                self._flush(STAGE_BYTES)
+                self.flush()
 
     def close(self) -> None:
-        """Write what is staged and close: the file is complete."""
+        """Write what is pending and staged and close: the file is complete."""
         try:
-            if self.stage is not None and self.fill:
+            if self.stage is not None:
                 padded = -(-self.fill // BLOCK) * BLOCK
                 self.stage[self.fill:padded] = bytes(padded - self.fill)
-                self._flush(padded)
+                self.fill = padded
+                self.flush()
                 os.ftruncate(self.fd, self.size)
         finally:
             self.discard()
@@ -317,16 +347,20 @@ class SequentialFile:
         if self.fd is not None:
             os.close(self.fd)
             self.fd, self.stage = None, None
-
-    def _flush(self, n: int) -> None:
-        _write_all(self.fd, memoryview(self.stage)[:n])
-        self.fill = 0
+            self.pending = []
 
 
 def _address(data: memoryview) -> int:
     return np.frombuffer(data, dtype=np.uint8).ctypes.data
 
 
-def _write_all(fd: int, data: memoryview) -> None:
-    while len(data):
-        data = data[os.write(fd, data):]
+def _write_all(fd: int, *parts: memoryview) -> None:
+    """Write the parts, in order, in as few calls as the kernel allows."""
+    parts = [p for p in parts if len(p)]
+    while parts:
+        done = os.writev(fd, parts[:IOV_MAX])
+        while parts and done >= len(parts[0]):
+            done -= len(parts[0])
+            parts.pop(0)
+        if parts:
+            parts[0] = parts[0][done:]

@@ -122,7 +122,8 @@ def test_sequential_file_writes_exact_bytes_across_stage_boundaries(tmp_path, mo
 
 def test_aligned_data_is_written_from_its_own_memory(tmp_path, monkeypatch, seed):
     """Data whose address matches its file offset modulo a block skips the stage (its whole
-    blocks); the file holds exactly the bytes written, aligned or not, in order."""
+    blocks); they wait for flush(), after which the data may change; the file holds exactly the
+    bytes written, aligned or not, in order, at every flush."""
     import mmap
 
     from mergekit_ops import safetensors_io as sio
@@ -133,21 +134,21 @@ def test_aligned_data_is_written_from_its_own_memory(tmp_path, monkeypatch, seed
     if f.stage is None:
         pytest.skip("this filesystem refuses O_DIRECT")
     stage_at = sio._address(memoryview(f.stage))
-    unstaged = []
+    unstaged, calls = [], []
     real_write = sio._write_all
 
-    def recording(fd, data):
-        if not stage_at <= sio._address(data) < stage_at + sio.STAGE_BYTES:
-            unstaged.append(len(data))
-        real_write(fd, data)
+    def recording(fd, *parts):
+        calls.append(len(parts))
+        unstaged.extend(len(p) for p in parts if not stage_at <= sio._address(p) < stage_at + sio.STAGE_BYTES)
+        real_write(fd, *parts)
     monkeypatch.setattr(sio, "_write_all", recording)
-    memory = mmap.mmap(-1, 64 * sio.BLOCK)  # page-aligned
-    written, expect_unstaged, pos = [], 0, 0
-    for i in range(12):
+    written, unflushed, expect_unstaged, pos = [], [], 0, 0
+    for i in range(16):
         n = int(torch.randint(0 if i else 2 * sio.BLOCK, 6 * sio.BLOCK, ()))
         aligned = i == 0 or bool(torch.randint(0, 2, ()))  # the first one surely
         start = pos % sio.BLOCK + (0 if aligned else 1 + int(torch.randint(0, sio.BLOCK - 1, ())))
-        start += sio.BLOCK * int(torch.randint(0, 8, ()))
+        start += sio.BLOCK * int(torch.randint(0, 4, ()))
+        memory = mmap.mmap(-1, 16 * sio.BLOCK)  # page-aligned, this piece's own
         piece = memoryview(memory)[start:start + n]
         piece[:] = torch.randint(0, 256, (n,), dtype=torch.uint8).numpy().tobytes()
         head = -pos % sio.BLOCK
@@ -155,10 +156,19 @@ def test_aligned_data_is_written_from_its_own_memory(tmp_path, monkeypatch, seed
             expect_unstaged += (n - head) // sio.BLOCK * sio.BLOCK
         f.write(piece)
         written.append(bytes(piece))
+        unflushed.append(piece)
         pos += n
+        if torch.randint(0, 3, ()) == 0:
+            f.flush()
+            whole = pos - pos % sio.BLOCK
+            assert (tmp_path / "x.bin").read_bytes() == b"".join(written)[:whole]
+            for p in unflushed:  # written: changing the memory now changes nothing
+                p[:] = bytes(len(p))
+            unflushed.clear()
     f.close()
     assert (tmp_path / "x.bin").read_bytes() == b"".join(written)
     assert sum(unstaged) == expect_unstaged
+    assert max(calls) > 1  # a flush sends staged blocks and bodies in one call
 
 
 def test_writer_offsets_are_where_the_tensors_land(tmp_path):
@@ -181,10 +191,10 @@ def test_a_failed_write_aborts_cleanly(tmp_path, monkeypatch):
     writer = ShardWriter(tmp_path, plan_shards([(k, v.dtype, tuple(v.shape)) for k, v in state.items()], 10**9))
     writer.write("a", state["a"])
 
-    def disk_full(fd, data):
+    def disk_full(fd, buffers):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(safetensors_io.os, "write", disk_full)
+    monkeypatch.setattr(safetensors_io.os, "writev", disk_full)
     with pytest.raises(OSError, match="No space left"):
         writer.write("b", state["b"])
         writer.close()
