@@ -236,6 +236,7 @@ def _run(plan: MergePlan, writer: ShardWriter, device: torch.device, options: Me
     pending: deque = deque()
     writing = None  # (future, outputs) of the batch being written
     ready: list = []  # (name, output, event) of finished tensors not yet given to the writer
+    ready_bytes = 0
     written = 0
     tasks = plan.tasks
     file_offsets = writer.offsets()
@@ -268,12 +269,13 @@ def _run(plan: MergePlan, writer: ShardWriter, device: torch.device, options: Me
                 frees.submit(loaded.clear)  # freeing the inputs (on the CPU, page-table work) off the merge thread
                 del loaded
                 ready.append((task.name, out, transfers.mark()))
+                ready_bytes += out.nbytes
                 del out
-                if writing and (writing[0].done() or sum(o.nbytes for _, o, _ in ready) >= WRITE_BATCH_BYTES):
+                if writing and (writing[0].done() or ready_bytes >= WRITE_BATCH_BYTES):
                     _finish(writing, options)
                     writing = None
                 if not writing:
-                    writing, ready = (write_pool.submit(write, ready), [o for _, o, _ in ready]), []
+                    writing, ready, ready_bytes = (write_pool.submit(write, ready), [o for _, o, _ in ready]), [], 0
                 written += tensor_nbytes(task.out_dtype, task.shape)
                 if options.progress:
                     options.progress(done + 1, len(tasks), written)

@@ -33,7 +33,7 @@ O_DIRECT = getattr(os, "O_DIRECT", 0)  # 0 where the platform has none: buffered
 BLOCK = 4096  # O_DIRECT alignment of offsets, lengths and buffers
 STAGE_BYTES = 8 << 20  # page-aligned staging buffer for direct writes
 DIRECT_MIN_BYTES = 1 << 20  # smaller data is copied into the stage: a write call each costs more
-IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 16  # buffers per writev
+IOV_MAX = max(16, os.sysconf("SC_IOV_MAX")) if hasattr(os, "sysconf") else 16  # buffers per writev (POSIX: >= 16)
 
 
 @dataclass(frozen=True)
@@ -358,7 +358,7 @@ def _write_all(fd: int, *parts: memoryview) -> None:
     """Write the parts, in order, in as few calls as the kernel allows."""
     parts = [p for p in parts if len(p)]
     while parts:
-        done = os.writev(fd, parts[:IOV_MAX])
+        done = os.writev(fd, parts[:IOV_MAX]) if len(parts) > 1 else os.write(fd, parts[0])
         while parts and done >= len(parts[0]):
             done -= len(parts[0])
             parts.pop(0)

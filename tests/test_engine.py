@@ -122,6 +122,8 @@ def test_writes_batched_or_one_by_one_give_the_same_files(tmp_path, seed, monkey
     how they were batched (shards end inside batches; bodies are written from their own buffers)."""
     from mergekit_ops import safetensors_io
 
+    if safetensors_io.SequentialFile(tmp_path / "probe").stage is None:
+        pytest.skip("this filesystem refuses O_DIRECT: every write goes at once")
     monkeypatch.setattr(safetensors_io, "DIRECT_MIN_BYTES", safetensors_io.BLOCK)  # 16 KiB tensors skip the stage
     family = write_family(tmp_path, llama_state(hidden=64, inter=96, seed=seed), seed)
     r = _recipe(tmp_path, {"merge_method": "task_arithmetic", "base_model": str(family["base"]),
@@ -131,7 +133,7 @@ def test_writes_batched_or_one_by_one_give_the_same_files(tmp_path, seed, monkey
 
     def slow_flush(self):  # a slow disk: tensors pile up while a batch is written
         batches.append(self._pos)
-        time.sleep(0.02)
+        time.sleep(0.05)
         real_flush(self)
     monkeypatch.setattr(safetensors_io.ShardWriter, "flush", slow_flush)
     monkeypatch.setattr(engine_module, "WRITE_BATCH_BYTES", 0)  # wait for each batch: one tensor each
@@ -142,6 +144,34 @@ def test_writes_batched_or_one_by_one_give_the_same_files(tmp_path, seed, monkey
     batched = file_digests(merge(r, tmp_path / "batched", MergeOptions(out_shard_size=100_000)))
     assert len(batches) < len(load_dir(tmp_path / "batched")) / 2
     assert batched == one_by_one
+
+
+def test_a_failed_write_leaves_no_output(tmp_path, seed, monkeypatch):
+    """A write that fails on the writer thread, mid-merge, ends the merge with its error and
+    leaves neither an output nor a temporary directory."""
+    from mergekit_ops import safetensors_io
+
+    monkeypatch.setattr(safetensors_io, "DIRECT_MIN_BYTES", safetensors_io.BLOCK)
+    family = write_family(tmp_path, llama_state(hidden=64, inter=96, seed=seed), seed)
+    r = _recipe(tmp_path, {"merge_method": "linear", "models": [
+        {"model": str(family[m]), "parameters": {"weight": 1.0}} for m in ("m0", "m1")]})
+    calls = {"n": 0}
+    real_writev, real_write = safetensors_io.os.writev, safetensors_io.os.write
+
+    def failing(call):
+        def write(fd, data):
+            calls["n"] += 1
+            if calls["n"] == 3:
+                raise OSError(28, "No space left on device")
+            return call(fd, data)
+        return write
+    monkeypatch.setattr(safetensors_io.os, "writev", failing(real_writev))
+    monkeypatch.setattr(safetensors_io.os, "write", failing(real_write))
+    with pytest.raises(OSError, match="No space left"):
+        merge(r, tmp_path / "out", MergeOptions(out_shard_size=100_000))
+    assert calls["n"] == 3
+    assert not (tmp_path / "out").exists()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
 
 
 def test_interrupted_merge_leaves_no_finished_output(tmp_path, family, monkeypatch):

@@ -1,5 +1,6 @@
 """Our header reader and streaming shard writer agree with the reference safetensors library."""
 import json
+import os
 import resource
 import sys
 
@@ -171,6 +172,37 @@ def test_aligned_data_is_written_from_its_own_memory(tmp_path, monkeypatch, seed
     assert max(calls) > 1  # a flush sends staged blocks and bodies in one call
 
 
+def test_write_all_resumes_short_writes_in_order(tmp_path, monkeypatch, seed):
+    """_write_all sends its parts in order, at most IOV_MAX per call, resuming where a call
+    stopped short (mid-part or between parts)."""
+    from mergekit_ops import safetensors_io as sio
+
+    monkeypatch.setattr(sio, "IOV_MAX", 2)
+    real_writev, real_write = os.writev, os.write
+    counts = []
+
+    def short_writev(fd, buffers):
+        assert 1 < len(buffers) <= 2
+        counts.append(len(buffers))
+        limit = int(torch.randint(1, sum(len(b) for b in buffers) + 1, ()))
+        first = buffers[0][:limit]
+        return real_writev(fd, [first, buffers[1][:limit - len(first)]])
+
+    def short_write(fd, data):
+        return real_write(fd, data[:int(torch.randint(1, len(data) + 1, ()))])
+    monkeypatch.setattr(sio.os, "writev", short_writev)
+    monkeypatch.setattr(sio.os, "write", short_write)
+    parts = [torch.randint(0, 256, (int(torch.randint(0, 300, ())),), dtype=torch.uint8).numpy().tobytes()
+             for _ in range(7)]
+    fd = os.open(tmp_path / "x.bin", os.O_WRONLY | os.O_CREAT)
+    try:
+        sio._write_all(fd, *(memoryview(p) for p in parts))
+    finally:
+        os.close(fd)
+    assert (tmp_path / "x.bin").read_bytes() == b"".join(parts)
+    assert counts
+
+
 def test_writer_offsets_are_where_the_tensors_land(tmp_path):
     state = _random_state()
     shards = plan_shards([(k, v.dtype, tuple(v.shape)) for k, v in state.items()], max_bytes=60)
@@ -195,8 +227,9 @@ def test_a_failed_write_aborts_cleanly(tmp_path, monkeypatch):
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(safetensors_io.os, "writev", disk_full)
+    monkeypatch.setattr(safetensors_io.os, "write", disk_full)
+    writer.write("b", state["b"])
     with pytest.raises(OSError, match="No space left"):
-        writer.write("b", state["b"])
-        writer.close()
+        writer.flush()
     writer.abort()  # closes without flushing again and without raising
     assert writer._file is None
