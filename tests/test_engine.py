@@ -122,7 +122,10 @@ def test_writes_batched_or_one_by_one_give_the_same_files(tmp_path, seed, monkey
     how they were batched (shards end inside batches; bodies are written from their own buffers)."""
     from mergekit_ops import safetensors_io
 
-    if safetensors_io.SequentialFile(tmp_path / "probe").stage is None:
+    probe = safetensors_io.SequentialFile(tmp_path / "probe")
+    direct = probe.stage is not None
+    probe.close()
+    if not direct:
         pytest.skip("this filesystem refuses O_DIRECT: every write goes at once")
     monkeypatch.setattr(safetensors_io, "DIRECT_MIN_BYTES", safetensors_io.BLOCK)  # 16 KiB tensors skip the stage
     family = write_family(tmp_path, llama_state(hidden=64, inter=96, seed=seed), seed)
