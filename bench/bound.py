@@ -57,11 +57,7 @@ def compute_seconds(yml: str, repeat: int) -> float:
         options = engine.MergeOptions(pool=pool, outputs=OutputBuffers())
         for run in range(repeat + 1):
             t0 = time.perf_counter()
-            extras = {}
-            if plan.recipe.method.prepare:  # a whole-model pass (trim_scope: model), as execute() makes it
-                extras = plan.recipe.method.prepare(
-                    plan.tasks, lambda task: engine._job(plan, task, *loaded[task.name], cpu, options).full(),
-                    plan.recipe.source)
+            extras = engine.whole_model_extras(plan, lambda task: loaded[task.name], cpu, options)
             for task in plan.tasks:
                 out = engine.merge_task(plan, task, *loaded[task.name], cpu, options, extras.get(task.name, {}))
                 options.outputs.give(out)

@@ -113,15 +113,11 @@ def execute(plan: MergePlan, out_dir: Path, options: MergeOptions) -> Path:
                                           options.out_shard_size), sha256=options.sha256)
     try:
         write_side_files(plan, tmp, options.copy_tokenizer)
-        extras = {}
-        if plan.recipe.method.prepare:
-            reader = _Reader(plan.checkpoints)
-            try:
-                extras = plan.recipe.method.prepare(
-                    plan.tasks, lambda task: _job(plan, task, *reader.load(task), device, options).full(),
-                    plan.recipe.source)
-            finally:
-                reader.close()
+        reader = _Reader(plan.checkpoints)
+        try:
+            extras = whole_model_extras(plan, reader.load, device, options)
+        finally:
+            reader.close()
         # collections cost 5% of a linear merge
         with collector.paused(), _workers() as pool, _draw_threads(device) as draws:
             _run(plan, writer, device, replace(options, pool=pool, draws=draws, outputs=OutputBuffers()), extras)
@@ -134,6 +130,16 @@ def execute(plan: MergePlan, out_dir: Path, options: MergeOptions) -> Path:
             shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out_dir
+
+
+def whole_model_extras(plan: MergePlan, load: Callable, device: torch.device,
+                       options: MergeOptions) -> dict[str, dict]:
+    """The method's whole-model pass before any tensor is merged (trim_scope: model), per tensor
+    name; {} for methods without one. load(task) gives a task's (inputs, base)."""
+    if not plan.recipe.method.prepare:
+        return {}
+    return plan.recipe.method.prepare(
+        plan.tasks, lambda task: _job(plan, task, *load(task), device, options).full(), plan.recipe.source)
 
 
 def _device(name: str) -> torch.device:
@@ -250,6 +256,9 @@ def _run(plan: MergePlan, writer: ShardWriter, device: torch.device, options: Me
             writer.write(name, transfers.download(out, event))
         writer.flush()  # the batch's buffers are handed back after this
 
+    def submit(batch: list) -> tuple:  # (future, outputs), for _finish
+        return write_pool.submit(write, batch), [out for _, out, _ in batch]
+
     try:
         with ThreadPoolExecutor(1, thread_name_prefix="mergekit-read") as reads, \
                 ThreadPoolExecutor(1, thread_name_prefix="mergekit-write") as write_pool, \
@@ -275,14 +284,14 @@ def _run(plan: MergePlan, writer: ShardWriter, device: torch.device, options: Me
                     _finish(writing, options)
                     writing = None
                 if not writing:
-                    writing, ready, ready_bytes = (write_pool.submit(write, ready), [o for _, o, _ in ready]), [], 0
+                    writing, ready, ready_bytes = submit(ready), [], 0
                 written += tensor_nbytes(task.out_dtype, task.shape)
                 if options.progress:
                     options.progress(done + 1, len(tasks), written)
             if writing:
                 _finish(writing, options)
             if ready:
-                _finish((write_pool.submit(write, ready), [o for _, o, _ in ready]), options)
+                _finish(submit(ready), options)
     finally:
         reader.close()
 

@@ -102,18 +102,10 @@ class TensorJob:
 
     def sum_deltas(self, inputs: list[int], fn: Callable[[slice, int, torch.Tensor], list[float]],
                    n: int) -> list[float]:
-        """Totals of the partial sums fn(flat slice, i, input i minus base) returns, n for each i of
-        inputs, in that order; added in slice order (sum_chunks). Per slice the base is converted
-        once and each input's delta in turn into one scratch buffer (free to modify): with a buffer
-        per input, as in map_chunks, a slice's buffers fell out of cache and DARE's norm pass took
-        9-15% longer."""
-        xs, base = [self.tensors[i].reshape(-1) for i in inputs], self.base.reshape(-1)
-
-        def run(sl: slice) -> list[float]:
-            base_buf, buf = (b[:sl.stop - sl.start] for b in scratch(2, self.compute_dtype, base.device))
-            self._fill(base_buf, base[sl])
-            return [v for i, x in zip(inputs, xs) for v in fn(sl, i, self._fill(buf, x[sl]).sub_(base_buf))]
-        return _totals(self.map_slices(run), n * len(inputs))
+        """Totals of the n partial sums fn(flat slice, i, input i minus base) returns (map_deltas),
+        n for each i of inputs, in that order; added in slice order (sum_chunks)."""
+        return _totals([[v for sums in part for v in sums] for part in self.map_deltas(inputs, fn)],
+                       n * len(inputs))
 
     def weighted_sum(self, weights: list[float], base_weight: float = 0.0) -> torch.Tensor:
         """sum_i weights[i] * input_i + base_weight * base, in the output dtype, shaped.
@@ -137,14 +129,18 @@ class TensorJob:
         self.map_slices(merge_chunk)
         return out.view(self.shape)
 
-    def map_deltas(self, i: int, fn: Callable[[slice, torch.Tensor], Any]) -> list:
-        """fn(flat slice, input i minus base) for every slice, on the pool, in the compute dtype
-        (a scratch buffer, free to modify); fn's results in slice order."""
-        x, base = self.tensors[i].reshape(-1), self.base.reshape(-1)
+    def map_deltas(self, inputs: list[int], fn: Callable[[slice, int, torch.Tensor], Any]) -> list[list]:
+        """[fn(flat slice, i, input i minus base) for i in inputs] for every slice, on the pool, in
+        slice order; the delta is in the compute dtype, in a scratch buffer free to modify. Per
+        slice the base is converted once and each input's delta in turn into one buffer: with a
+        buffer per input, as in map_chunks, a slice's buffers fell out of cache and DARE's norm
+        pass took 9-15% longer."""
+        xs, base = [self.tensors[i].reshape(-1) for i in inputs], self.base.reshape(-1)
 
-        def run(sl: slice):
-            buf, base_buf = (b[:sl.stop - sl.start] for b in scratch(2, self.compute_dtype, x.device))
-            return fn(sl, self._fill(buf, x[sl]).sub_(self._fill(base_buf, base[sl])))
+        def run(sl: slice) -> list:
+            base_buf, buf = (b[:sl.stop - sl.start] for b in scratch(2, self.compute_dtype, base.device))
+            self._fill(base_buf, base[sl])
+            return [fn(sl, i, self._fill(buf, x[sl]).sub_(base_buf)) for i, x in zip(inputs, xs)]
         return self.map_slices(run)
 
     def _fill(self, buf: torch.Tensor, x: torch.Tensor) -> torch.Tensor:

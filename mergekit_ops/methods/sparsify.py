@@ -75,7 +75,9 @@ def set_l1_scales(job: TensorJob, sparse: list[Sparsifier]) -> None:
 
 def magnitudes(job: TensorJob, i: int):
     """TopK's map_bits over the magnitudes of input i's delta, chunks side by side on the pool."""
-    return lambda fn: job.map_deltas(i, lambda sl, delta: fn(magnitude_bits(delta, in_place=True)))
+    def over_bits(fn):
+        return [r for (r,) in job.map_deltas([i], lambda sl, _, delta: fn(magnitude_bits(delta, in_place=True)))]
+    return over_bits
 
 
 class Magnitude(Sparsifier):
