@@ -6,21 +6,22 @@ the recipe file (and document, for multi-document files) and the key at fault.
 from __future__ import annotations
 
 import difflib
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-
-import yaml
 
 from .errors import RecipeError
 from .methods import METHODS
 from .methods.base import REQUIRED, Method
 from .params import check_value, values_in
+from .safe_yaml import load_file
 
 DTYPES = ("float32", "float16", "bfloat16", "float64")
 DTYPE_ALIASES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16", "half": "float16", "float": "float32"}
 SLICE_KEYS = ("sources", "parameters", "base_model")
 SOURCE_KEYS = ("model", "parameters", "layer_range")
+NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")  # a document name becomes a directory name
 TOP_KEYS = {"name", "merge_method", "models", "slices", "base_model", "parameters", "dtype", "out_dtype",
             "tokenizer_source", "tokenizer", "chat_template", "modules"}
 
@@ -96,12 +97,7 @@ class Recipe:
 def load_recipes(path: str | Path) -> list[Recipe]:
     """Load a (possibly multi-document) recipe file. Later documents may name earlier ones as models."""
     path = Path(path)
-    try:
-        docs = [d for d in yaml.safe_load_all(path.read_text()) if d is not None]
-    except OSError as exc:
-        raise RecipeError(f"cannot read recipe: {exc}", str(path)) from exc
-    except yaml.YAMLError as exc:
-        raise RecipeError(f"invalid YAML: {exc}", str(path)) from exc
+    docs = load_file(path)
     if not docs:
         raise RecipeError("the file holds no recipe", str(path))
     recipes = []
@@ -149,6 +145,7 @@ def order_documents(recipes: list[Recipe], source: str) -> list[Recipe]:
 def parse_recipe(doc: Any, source: str) -> Recipe:
     if not isinstance(doc, dict):
         raise RecipeError(f"a recipe is a mapping, got {type(doc).__name__}", source)
+    _check_keys(doc, source, "")
     unknown = set(doc) - TOP_KEYS
     if unknown:
         key = sorted(unknown)[0]
@@ -172,7 +169,7 @@ def parse_recipe(doc: Any, source: str) -> Recipe:
         dtype=_dtype(doc.get("dtype"), source, "dtype"),
         out_dtype=_dtype(doc.get("out_dtype"), source, "out_dtype"),
         chat_template=_str(doc.get("chat_template"), source, "chat_template"),
-        name=_str(doc.get("name"), source, "name"),
+        name=_name(doc.get("name"), source),
     )
     if has_models:
         recipe.models = _models(doc["models"], source)
@@ -323,7 +320,7 @@ def _model_ref(value: Any, source: str, key: str, optional: bool = False) -> str
         return None
     if isinstance(value, dict) and "model" in value:  # mergekit's long form {model: {path: ...}}
         value = value["model"].get("path") if isinstance(value["model"], dict) else value["model"]
-    if not isinstance(value, str) or not value:
+    if not isinstance(value, str) or not value or "\0" in value:
         raise RecipeError("a model path or hub id (string)", source, key)
     if "+" in value and not Path(value).exists():
         raise RecipeError(f"'{value}': LoRA adapters (model+lora) are not supported", source, key)
@@ -340,9 +337,29 @@ def _params(value: Any, source: str, key: str) -> dict[str, Any]:
     return dict(value)
 
 
+def _check_keys(value: Any, source: str, key: str) -> None:
+    """Every mapping key is a string: YAML also allows numbers, lists and null as keys."""
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for k, v in items:
+        if isinstance(value, dict) and not isinstance(k, str):
+            raise RecipeError(f"keys are names (strings), got {k!r}", source, key or None)
+        _check_keys(v, source, f"{key}[{k}]" if isinstance(k, int) else f"{key}.{k}" if key else k)
+
+
+def _name(value: Any, source: str) -> str | None:
+    """A document's name names its output directory: a plain name, never a path."""
+    value = _str(value, source, "name")
+    if value is not None and not NAME_RE.fullmatch(value):
+        raise RecipeError(f"{value!r} is not a plain name (letters, digits, '.', '_', '-'; no path)",
+                          source, "name")
+    return value
+
+
 def _dtype(value: Any, source: str, key: str) -> str | None:
     if value is None:
         return None
+    if not isinstance(value, str):
+        raise RecipeError(f"expected the name of a dtype, got {value!r}", source, key)
     name = DTYPE_ALIASES.get(value, value)
     if name not in DTYPES:
         raise RecipeError(f"unknown dtype {value!r}; use one of {', '.join(DTYPES)}", source, key)
