@@ -110,9 +110,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         out = merge_file(args.recipe, args.out_dir, options, args.intermediate_dir)
-    except MergeError as exc:
+    except (MergeError, OSError) as exc:  # an OSError names its file
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"interrupted: {args.out_dir} is as it was before", file=sys.stderr)
+        return 130
     finally:
         if bar:
             bar.close()

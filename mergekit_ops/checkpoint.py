@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
+import zipfile
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import torch
 
 from .errors import CheckpointError
-from .safetensors_io import TensorInfo, read_header
+from .safetensors_io import TensorInfo, open_regular, read_header
 
 PICKLE_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.pt", "model.ckpt")
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
@@ -65,17 +67,16 @@ class Checkpoint:
     @classmethod
     def open(cls, ref: str, base_dir: Path | None = None, allow_pickle: bool = False) -> "Checkpoint":
         path = resolve_model_dir(ref, base_dir)
-        config = {}
-        if (path / "config.json").is_file():
-            try:
-                config = json.loads((path / "config.json").read_text())
-            except ValueError as exc:
-                raise CheckpointError(f"model '{ref}': {path / 'config.json'} is not valid JSON: {exc}") from exc
+        config = read_json(path, "config.json", ref, dict) or {}
         files = _safetensors_files(path, ref)
         if files:
             tensors: dict[str, TensorInfo] = {}
             for file in files:
                 infos, _ = read_header(file)
+                twice = next((n for n in infos if n in tensors), None)
+                if twice is not None:
+                    raise CheckpointError(f"model '{ref}': tensor '{twice}' is defined in both "
+                                          f"{tensors[twice].path} and {file}")
                 tensors.update(infos)
             return cls(ref, path, tensors, config)
         pickles = sorted(p.name for p in path.iterdir() if p.name.endswith(PICKLE_SUFFIXES))
@@ -93,9 +94,18 @@ class Checkpoint:
     def _open_pickle(cls, ref: str, path: Path, files: list[str], config: dict) -> "Checkpoint":
         state: dict[str, torch.Tensor] = {}
         for name in files:
-            if name.endswith(".index.json"):
-                continue
-            loaded = torch.load(path / name, map_location="cpu", weights_only=True, mmap=True)
+            file = model_file(path, name, ref)
+            try:  # mapped where the format allows: the legacy (pre-zip) format cannot be
+                loaded = torch.load(file, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(file))
+            except pickle.UnpicklingError:  # torch's own message suggests weights_only=False: never
+                raise CheckpointError(f"model '{ref}': {file} holds objects other than tensors, which "
+                                      "torch.load(weights_only=True) refuses to build (code it would run?)") from None
+            except Exception as exc:  # a broken file: RuntimeError, EOFError, ValueError...
+                first = (str(exc).strip().splitlines() or [""])[0]
+                raise CheckpointError(f"model '{ref}': {file}: torch.load(weights_only=True) cannot load it: "
+                                      f"{type(exc).__name__}: {first}") from None
+            if not isinstance(loaded, dict):
+                raise CheckpointError(f"model '{ref}': {file} holds a {type(loaded).__name__}, not a state dict")
             state.update({k: v for k, v in loaded.items() if isinstance(v, torch.Tensor)})
         infos = {
             k: TensorInfo(k, v.dtype, tuple(v.shape), path, 0, v.numel() * v.element_size()) for k, v in state.items()
@@ -106,17 +116,60 @@ class Checkpoint:
         """A private copy of a tensor of an opted-in pickle checkpoint."""
         return self.pickle_state[name].clone()
 
+    def file(self, name: str) -> Path | None:
+        """The model directory's file of that name (config, tokenizer...), None if it has none."""
+        return model_file(self.path, name, self.ref)
+
+
+def model_file(model_dir: Path, name: str, ref: str) -> Path | None:
+    """model_dir/name if it exists, else None; an error if it is not a regular file or, followed
+    through symlinks, lies outside the model directory. Symlinks into a Hugging Face cache's
+    blobs/ (how the cache and `hf download` lay out files) stay allowed: a crafted index or
+    symlink must not pull another model, or any other file on disk, into a merge."""
+    pure = PurePosixPath(name)
+    if not name or pure.is_absolute() or ".." in pure.parts or "\\" in name or "\0" in name:
+        raise CheckpointError(f"model '{ref}': '{name}' names a file outside the model directory {model_dir}")
+    path = model_dir / name
+    if not path.exists() and not path.is_symlink():
+        return None
+    real, home = path.resolve(), model_dir.resolve()
+    in_cache = real.parent.name == "blobs" and real.parent.parent.name.startswith("models--")
+    if not (real.is_relative_to(home) or in_cache):
+        raise CheckpointError(f"model '{ref}': {path} leads outside the model directory (to {real})")
+    if not path.is_file():
+        raise CheckpointError(f"model '{ref}': {path} is not a regular file")
+    return path
+
+
+def read_json(model_dir: Path, name: str, ref: str, kind: type):
+    """A JSON file of the model directory that must hold a `kind` (dict or list); None if absent."""
+    path = model_file(model_dir, name, ref)
+    if path is None:
+        return None
+    fd = open_regular(path)
+    try:
+        with os.fdopen(fd, "rb") as f:
+            value = json.loads(f.read())
+    except (OSError, ValueError, RecursionError) as exc:
+        raise CheckpointError(f"model '{ref}': {path} is not valid JSON: {exc}") from None
+    if not isinstance(value, kind):
+        raise CheckpointError(f"model '{ref}': {path} holds a JSON {type(value).__name__}, not an "
+                              f"{'object' if kind is dict else 'array'}")
+    return value
+
 
 def _safetensors_files(path: Path, ref: str) -> list[Path]:
-    index = path / "model.safetensors.index.json"
-    if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (ValueError, KeyError) as exc:
-            raise CheckpointError(f"model '{ref}': {index} has no valid weight_map: {exc}") from exc
-        files = [path / f for f in sorted(set(weight_map.values()))]
-        missing = [str(f) for f in files if not f.is_file()]
+    """The weight files: those the index names (each inside the model directory), else every
+    top-level .safetensors file."""
+    index = read_json(path, "model.safetensors.index.json", ref, dict)
+    if index is not None:
+        where = path / "model.safetensors.index.json"
+        weight_map = index.get("weight_map")
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise CheckpointError(f"model '{ref}': {where} has no weight_map of tensor name -> file name")
+        files = [(name, model_file(path, name, ref)) for name in sorted(set(weight_map.values()))]
+        missing = [str(path / name) for name, f in files if f is None]
         if missing:
-            raise CheckpointError(f"model '{ref}': shards listed in {index} are missing: {', '.join(missing)}")
-        return files
-    return sorted(path.glob("*.safetensors"))
+            raise CheckpointError(f"model '{ref}': shards listed in {where} are missing: {', '.join(missing)}")
+        return [f for _, f in files]
+    return [model_file(path, f.name, ref) for f in sorted(path.glob("*.safetensors"))]

@@ -18,15 +18,16 @@ from typing import Callable
 import torch
 
 from . import collector
-from .checkpoint import Checkpoint
+from .checkpoint import Checkpoint, resolve_model_dir
 from .devices import is_device_name
 from .errors import MergeError
-from .files import write_side_files
+from .files import side_files_bytes, write_side_files
 from .methods.job import TensorJob
+from .outdir import check_out_dir, check_space, clean_leftovers, mark, replace_dir, temp_dir, write_failure
 from .outputs import OutputBuffers
 from .plan import MergePlan, TensorTask, build_plan
 from .recipe import Recipe, load_recipes
-from .safetensors_io import ShardWriter, plan_shards, read_tensor, tensor_nbytes
+from .safetensors_io import ShardWriter, open_regular, plan_shards, read_tensor, tensor_nbytes
 from .transfers import Transfers
 from .vocab import align
 
@@ -68,12 +69,17 @@ def merge_file(recipe_path: str | Path, out_dir: str | Path, options: MergeOptio
     temporary directory beside out_dir, removed afterwards); others name them as models.
     """
     recipes = load_recipes(recipe_path)
-    out_dir = Path(out_dir)
+    out_dir = Path(out_dir).absolute()
     base_dir = Path(recipe_path).resolve().parent
     if len(recipes) == 1:
         return merge(recipes[0], out_dir, options, base_dir)
+    names = {r.name for r in recipes}
+    sources = {f"model '{ref}'": resolve_model_dir(ref, base_dir)
+               for r in recipes for ref in r.model_refs() if ref not in names}
+    check_out_dir(out_dir, sources, _places(base_dir))  # before the first document is built
+    clean_leftovers(out_dir)
     keep = intermediate_dir is not None
-    work = Path(intermediate_dir) if keep else out_dir.parent / f".{out_dir.name}.intermediates-{os.getpid()}"
+    work = Path(intermediate_dir) if keep else temp_dir(out_dir, "intermediates")
     work.mkdir(parents=True, exist_ok=True)
     try:
         built: dict[str, str] = {}
@@ -97,20 +103,33 @@ def merge(recipe: Recipe | str | Path, out_dir: str | Path, options: MergeOption
     options = options or MergeOptions()
     checkpoints = {ref: Checkpoint.open(ref, base_dir, options.allow_pickle) for ref in recipe.model_refs()}
     plan = build_plan(recipe, checkpoints, options.allow_crimes)
-    return execute(plan, Path(out_dir), options)
+    return execute(plan, Path(out_dir), options, base_dir)
 
 
-def execute(plan: MergePlan, out_dir: Path, options: MergeOptions) -> Path:
+def _places(base_dir: Path | None) -> dict[str, Path]:
+    """Folders an output may lie in but never be or hold."""
+    return {"the working directory": Path.cwd(), **({"the recipe's folder": base_dir} if base_dir else {})}
+
+
+def execute(plan: MergePlan, out_dir: Path, options: MergeOptions, base_dir: Path | None = None) -> Path:
+    """Merge a plan into out_dir (see outdir.py for what it may replace); base_dir: the recipe's folder."""
     device = _device(options.device)
     out_dir = out_dir.absolute()
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    if options.sha256 is not None:
-        options.sha256.clear()
+    check_out_dir(out_dir, {f"model '{c.ref}'": c.path for c in plan.checkpoints}, _places(base_dir))
+    clean_leftovers(out_dir)
+    tmp = temp_dir(out_dir)
     writer = ShardWriter(tmp, plan_shards([(t.name, t.out_dtype, t.shape) for t in plan.tasks],
                                           options.out_shard_size), sha256=options.sha256)
+    needed = writer.nbytes + side_files_bytes(plan, options.copy_tokenizer)
+    try:
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        free = check_space(out_dir, needed)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+    except OSError as exc:
+        raise write_failure(exc, out_dir, needed, 0) from None
+    if options.sha256 is not None:
+        options.sha256.clear()
     try:
         write_side_files(plan, tmp, options.copy_tokenizer)
         reader = _Reader(plan.checkpoints)
@@ -122,12 +141,15 @@ def execute(plan: MergePlan, out_dir: Path, options: MergeOptions) -> Path:
         with collector.paused(), _workers() as pool, _draw_threads(device) as draws:
             _run(plan, writer, device, replace(options, pool=pool, draws=draws, outputs=OutputBuffers()), extras)
         writer.close()
-        _replace_dir(tmp, out_dir)
-    except BaseException:
+        mark(tmp)
+        replace_dir(tmp, out_dir)
+    except BaseException as exc:
         try:
             writer.abort()
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(exc, OSError):
+            raise write_failure(exc, out_dir, needed, free) from None
         raise
     return out_dir
 
@@ -184,20 +206,6 @@ def _draw_threads(device: torch.device):
         yield draws
 
 
-def _replace_dir(tmp: Path, out_dir: Path) -> None:
-    """Swap the finished temp dir in; an old output is moved aside first, then removed."""
-    old = None
-    if out_dir.exists() or out_dir.is_symlink():
-        old = out_dir.parent / f".{out_dir.name}.old-{os.getpid()}"
-        os.replace(out_dir, old)
-    os.replace(tmp, out_dir)
-    if old is not None:
-        if old.is_dir() and not old.is_symlink():
-            shutil.rmtree(old)
-        else:
-            old.unlink()
-
-
 class _Reader:
     """Reads a task's input tensors (mapped, see read_tensor); keeps one descriptor per file open."""
 
@@ -212,7 +220,7 @@ class _Reader:
         info = ckpt.tensors[name]
         fd = self.fds.get(info.path)
         if fd is None:
-            fd = self.fds[info.path] = os.open(info.path, os.O_RDONLY)
+            fd = self.fds[info.path] = open_regular(info.path)
         return read_tensor(info, fd)
 
     def load(self, task: TensorTask) -> tuple[list[torch.Tensor], torch.Tensor | None]:

@@ -5,6 +5,7 @@ import json
 import shutil
 from pathlib import Path
 
+from .checkpoint import Checkpoint
 from .errors import RecipeError
 from .plan import MergePlan, output_config
 
@@ -20,24 +21,35 @@ CHAT_TEMPLATES = {
 def write_side_files(plan: MergePlan, out: Path, copy_tokenizer: bool = True) -> None:
     """Write config.json (rewritten for slices) and copy generation/tokenizer files from their donor."""
     (out / "config.json").write_text(json.dumps(output_config(plan), indent=2, sort_keys=True) + "\n")
-    ref_dir = plan.checkpoints[plan.reference].path
-    if (ref_dir / "generation_config.json").is_file():
-        shutil.copyfile(ref_dir / "generation_config.json", out / "generation_config.json")
+    generation = plan.checkpoints[plan.reference].file("generation_config.json")
+    if generation:
+        shutil.copyfile(generation, out / "generation_config.json")
     if not copy_tokenizer:
         return
     donor = _tokenizer_donor(plan)
     for name in TOKENIZER_FILES:
-        if (donor / name).is_file():
-            shutil.copyfile(donor / name, out / name)
+        path = donor.file(name)
+        if path:
+            shutil.copyfile(path, out / name)
     if plan.vocab is not None and plan.vocab.tokenizer is not None:
         _write_merged_tokenizer(plan, out)
     if plan.recipe.chat_template:
         _set_chat_template(plan, out)
 
 
-def _tokenizer_donor(plan: MergePlan) -> Path:
+def side_files_bytes(plan: MergePlan, copy_tokenizer: bool = True) -> int:
+    """About what write_side_files writes: the source files' sizes, with room for a rewritten
+    config and a merged vocabulary's tokenizer."""
+    ref = plan.checkpoints[plan.reference]
+    files = [ref.file("generation_config.json"), ref.file("config.json")]
+    if copy_tokenizer:
+        files += [_tokenizer_donor(plan).file(name) for name in TOKENIZER_FILES]
+    return 2 * sum(f.stat().st_size for f in files if f) + 2**16
+
+
+def _tokenizer_donor(plan: MergePlan) -> Checkpoint:
     """The model whose tokenizer files the output starts from: the tokenizer source, else the reference."""
-    return plan.checkpoints[plan.vocab.source if plan.vocab is not None else plan.reference].path
+    return plan.checkpoints[plan.vocab.source if plan.vocab is not None else plan.reference]
 
 
 def _write_merged_tokenizer(plan: MergePlan, out: Path) -> None:

@@ -137,13 +137,13 @@ def _check_same_token_ids(ckpts: list[Checkpoint], reference: int) -> None:
     """Without a tokenizer source, rows are merged by index: an id that is one token in one model and
     another token in the next would mix unrelated rows. An id only one model uses (a token added in
     padding rows) is fine."""
-    ref_file = ckpts[reference].path / "tokenizer.json"
-    if not ref_file.is_file():
+    ref_file = ckpts[reference].file("tokenizer.json")
+    if ref_file is None:
         return
     ref_bytes, ref_tokens = ref_file.read_bytes(), None
     for c in ckpts:
-        file = c.path / "tokenizer.json"
-        if not file.is_file() or file.read_bytes() == ref_bytes:
+        file = c.file("tokenizer.json")
+        if file is None or file.read_bytes() == ref_bytes:
             continue
         if ref_tokens is None:
             ref_tokens = {i: t for t, i in Tokenizer.read(ckpts[reference].path, ckpts[reference].ref).ids.items()}
@@ -168,6 +168,12 @@ class _Planner:
         names = set(ref.tensors)
         if LM_HEAD not in names and any(LM_HEAD in self.ckpts[self.index[s.model]].tensors for s in sources):
             names.add(LM_HEAD)  # some inputs have an untied head: the others contribute their embeddings
+        for s in sources:  # a tensor the reference lacks would be dropped from the output unseen
+            extra = sorted(set(self.ckpts[self.index[s.model]].tensors) - names)
+            if extra:
+                raise CheckpointError(
+                    f"model '{s.model}' has tensor '{extra[0]}' but '{ref.ref}', whose tensors the output "
+                    f"takes, does not" + (f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""))
         tasks = []
         for name in sorted(names, key=natural_key):
             layer = layer_index(name)

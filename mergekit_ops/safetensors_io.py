@@ -11,6 +11,7 @@ import hashlib
 import json
 import mmap
 import os
+import stat
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,34 +49,101 @@ class TensorInfo:
     nbytes: int
 
 
-def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
-    """Return (tensor infos by name, __metadata__) of one .safetensors file without reading data."""
+def open_regular(path: Path) -> int:
+    """A read descriptor of a regular file. Opened without blocking, then checked: a FIFO or a
+    device named like a weight file would otherwise hang the open or the read forever."""
     try:
-        with open(path, "rb") as f:
-            raw = f.read(8)
-            if len(raw) != 8:
-                raise CheckpointError(f"{path}: not a safetensors file (shorter than 8 bytes)")
-            (size,) = struct.unpack("<Q", raw)
-            if size > MAX_HEADER_BYTES:
-                raise CheckpointError(f"{path}: not a safetensors file (header size {size})")
-            header = json.loads(f.read(size))
-            file_size = os.fstat(f.fileno()).st_size
-    except (OSError, ValueError, UnicodeDecodeError) as exc:
-        raise CheckpointError(f"{path}: cannot read safetensors header: {exc}") from exc
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    except OSError as exc:
+        raise CheckpointError(f"{path}: cannot open: {exc.strerror or exc}") from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise CheckpointError(f"{path}: not a regular file")
+    return fd
+
+
+def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict]:
+    """Return (tensor infos by name, __metadata__) of one .safetensors file without reading data.
+
+    The header comes from whoever made the file, so all of it is checked before any offset is
+    used: a JSON object of entries with a known dtype, integral shape and offsets, each tensor's
+    bytes = its shape x its dtype's size, inside the data section and overlapping no other tensor.
+    Nothing larger than the file is allocated, whatever sizes the header claims."""
+    fd = open_regular(path)
+    try:
+        file_size = os.fstat(fd).st_size
+        raw = os.pread(fd, 8, 0)
+        if len(raw) != 8:
+            raise CheckpointError(f"{path}: not a safetensors file (shorter than 8 bytes)")
+        (size,) = struct.unpack("<Q", raw)
+        if size > min(MAX_HEADER_BYTES, file_size - 8):
+            raise CheckpointError(f"{path}: not a safetensors file (header size {size}, file size {file_size})")
+        blob = _pread_exact(fd, size, 8, path)
+    except OSError as exc:
+        raise CheckpointError(f"{path}: cannot read safetensors header: {exc.strerror or exc}") from None
+    finally:
+        os.close(fd)
+    try:
+        header = json.loads(blob, object_pairs_hook=_unique_keys)
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
+        raise CheckpointError(f"{path}: cannot read safetensors header: {type(exc).__name__}: {exc}") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: the safetensors header is not a JSON object")
     metadata = header.pop("__metadata__", None) or {}
-    infos = {}
-    data_start = 8 + size
-    for name, entry in header.items():
-        try:
-            dtype = DTYPES[entry["dtype"]]
-            begin, end = entry["data_offsets"]
-            shape = tuple(int(d) for d in entry["shape"])
-        except (KeyError, TypeError, ValueError) as exc:
-            raise CheckpointError(f"{path}: tensor '{name}' has an unsupported header entry {entry}") from exc
-        if data_start + end > file_size or begin > end:
-            raise CheckpointError(f"{path}: tensor '{name}' lies outside the file (truncated download?)")
-        infos[name] = TensorInfo(name, dtype, shape, Path(path), data_start + begin, end - begin)
+    if not isinstance(metadata, dict):
+        raise CheckpointError(f"{path}: the safetensors header's __metadata__ is not an object")
+    data_start, data_size = 8 + size, file_size - 8 - size
+    infos = {name: _tensor_info(path, name, entry, data_start, data_size) for name, entry in header.items()}
+    spans = sorted(infos.values(), key=lambda i: (i.offset, i.offset + i.nbytes))
+    for before, after in zip(spans, spans[1:]):
+        if after.offset < before.offset + before.nbytes:
+            raise CheckpointError(f"{path}: tensors '{before.name}' and '{after.name}' overlap in the file")
     return infos, metadata
+
+
+def _unique_keys(pairs: list[tuple[str, object]]) -> dict:
+    keys = [k for k, _ in pairs]
+    if len(set(keys)) != len(keys):
+        raise ValueError(f"key {next(k for k in keys if keys.count(k) > 1)!r} appears twice")
+    return dict(pairs)
+
+
+def _tensor_info(path: Path, name: str, entry, data_start: int, data_size: int) -> TensorInfo:
+    """One header entry, checked whole (see read_header)."""
+    def bad(what: str) -> CheckpointError:
+        return CheckpointError(f"{path}: tensor '{name}': {what} (header entry {str(entry)[:200]})")
+
+    if not isinstance(entry, dict) or not {"dtype", "shape", "data_offsets"} <= set(entry):
+        raise bad("an entry needs dtype, shape and data_offsets")
+    dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+    if not isinstance(dtype, str) or dtype not in DTYPES:
+        raise bad(f"unknown dtype {dtype!r}")
+    if not isinstance(shape, list) or not all(_natural(d) for d in shape):
+        raise bad("the shape is not a list of non-negative integers")
+    if not isinstance(offsets, list) or len(offsets) != 2 or not all(_natural(o) for o in offsets):
+        raise bad("data_offsets is not [begin, end] in integers")
+    begin, end = offsets
+    if not begin <= end <= data_size:
+        raise bad(f"bytes {begin}-{end} lie outside the data section of {data_size} bytes (truncated download?)")
+    want = tensor_nbytes(DTYPES[dtype], tuple(shape))
+    if end - begin != want:
+        raise bad(f"{end - begin} bytes, but shape {shape} of {dtype} takes {want}")
+    return TensorInfo(name, DTYPES[dtype], tuple(shape), Path(path), data_start + begin, end - begin)
+
+
+def _natural(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x >= 0
+
+
+def _pread_exact(fd: int, size: int, offset: int, path: Path) -> bytes:
+    parts, done = [], 0
+    while done < size:
+        part = os.pread(fd, size - done, offset + done)
+        if not part:
+            raise CheckpointError(f"{path}: unexpected end of file in the safetensors header")
+        parts.append(part)
+        done += len(part)
+    return b"".join(parts)
 
 
 def read_tensor(info: TensorInfo, fd: int | None = None) -> torch.Tensor:
@@ -89,7 +157,7 @@ def read_tensor(info: TensorInfo, fd: int | None = None) -> torch.Tensor:
     """
     own = fd is None
     if own:
-        fd = os.open(info.path, os.O_RDONLY)
+        fd = open_regular(info.path)
     try:
         start = info.offset - info.offset % mmap.ALLOCATIONGRANULARITY
         skip = info.offset - start
@@ -203,6 +271,11 @@ class ShardWriter:
         self._file = None
         self._shard = None
         self.sha256, self._hash = sha256, None
+
+    @property
+    def nbytes(self) -> int:
+        """The size of the weight files once written (index left out)."""
+        return sum(len(self._headers[s.filename]) + s.nbytes for s in self.shards)
 
     def offsets(self) -> dict[str, int]:
         """Each tensor's byte offset in its file (header included)."""

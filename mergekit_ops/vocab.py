@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from .checkpoint import model_file
 from .errors import CheckpointError
 
 VOCAB_TENSORS = ("embed_tokens.weight", "wte.weight", "word_embeddings.weight", "embed_in.weight",
@@ -39,8 +40,8 @@ class Tokenizer:
 
     @classmethod
     def read(cls, model_dir: Path, ref: str) -> "Tokenizer":
-        path = model_dir / "tokenizer.json"
-        if not path.is_file():
+        path = model_file(model_dir, "tokenizer.json", ref)
+        if path is None:
             raise CheckpointError(f"model '{ref}': no tokenizer.json in {model_dir}; aligning vocabularies "
                                   "(tokenizer_source) needs every model's fast tokenizer")
         try:

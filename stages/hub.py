@@ -91,9 +91,18 @@ def weight_files(snapshot: Path) -> list[str]:
     """The safetensors files the model loads: its index's shards, else every top-level one (a repo
     may also ship others, e.g. a `consolidated.safetensors` copy, that nothing reads)."""
     index = snapshot / "model.safetensors.index.json"
-    if index.is_file():
-        return sorted(set(read_json(index).get("weight_map", {}).values()))
-    return WEIGHT_FILES
+    if not index.is_file():
+        return WEIGHT_FILES
+    data = read_json(index)
+    weight_map = data.get("weight_map") if isinstance(data, dict) else None
+    if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
+        raise FetchError(f"{index}: no weight_map of tensor name -> file name")
+    files = sorted(set(weight_map.values()))
+    outside = [f for f in files if "/" in f or "\\" in f or f in ("", ".", "..")]
+    if outside:  # only top-level files are fetched, and a merge reads nothing outside its model
+        raise FetchError(f"{index}: weight_map names '{outside[0]}', not a file at the top of the repo; "
+                         "refused before downloading any weights")
+    return files
 
 
 def remote_headers(repo_id: str, sha: str) -> dict[str, tuple[str, list[int]]]:

@@ -150,8 +150,8 @@ def test_writes_batched_or_one_by_one_give_the_same_files(tmp_path, seed, monkey
 
 
 def test_a_failed_write_leaves_no_output(tmp_path, seed, monkeypatch):
-    """A write that fails on the writer thread, mid-merge, ends the merge with its error and
-    leaves neither an output nor a temporary directory."""
+    """A write that fails on the writer thread, mid-merge (a full disk), ends the merge with a
+    one-line error naming the output and leaves neither an output nor a temporary directory."""
     from mergekit_ops import safetensors_io
 
     monkeypatch.setattr(safetensors_io, "DIRECT_MIN_BYTES", safetensors_io.BLOCK)
@@ -170,7 +170,7 @@ def test_a_failed_write_leaves_no_output(tmp_path, seed, monkeypatch):
         return write
     monkeypatch.setattr(safetensors_io.os, "writev", failing(real_writev))
     monkeypatch.setattr(safetensors_io.os, "write", failing(real_write))
-    with pytest.raises(OSError, match="No space left"):
+    with pytest.raises(MergeError, match=f"disk filled up while writing {tmp_path / 'out'}: the output needs"):
         merge(r, tmp_path / "out", MergeOptions(out_shard_size=100_000))
     assert calls["n"] == 3
     assert not (tmp_path / "out").exists()

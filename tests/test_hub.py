@@ -34,3 +34,27 @@ def test_pickle_only_repo_message(tmp_path):
     with pytest.raises(hub.FetchError, match="only pickle weights"):
         hub.check_weights_are_safetensors("org/old", ["config.json", "pytorch_model.bin", "sub/x.safetensors"])
     hub.check_weights_are_safetensors("org/new", ["model.safetensors"])
+
+
+@pytest.mark.parametrize("target", ["../other/model.safetensors", "/etc/model.safetensors", "sub/model.safetensors", ".."])
+def test_fetch_refuses_an_index_naming_files_outside_the_repo_before_downloading_weights(tmp_path, monkeypatch, target):
+    from stages import fetch
+
+    snapshot = tmp_path / "snapshot"
+    snapshot.mkdir()
+    (snapshot / "model.safetensors.index.json").write_text(json.dumps(
+        {"weight_map": {"a": "model-00001-of-00002.safetensors", "b": target}}))
+    downloads = []
+    monkeypatch.setattr(hub, "repo_files", lambda repo, sha: ["model.safetensors.index.json", "x.safetensors"])
+    monkeypatch.setattr(hub, "snapshot_dir", lambda repo, sha: snapshot)
+    monkeypatch.setattr(hub, "download", lambda *args: downloads.append(args) or snapshot)
+    monkeypatch.setattr(fetch, "check_model", lambda *args: None)
+    monkeypatch.setattr(fetch, "hub_meta", lambda *args: None)
+    params = {"artifacts": str(tmp_path / "artifacts"),
+              "models": {"m": {"repo_id": "org/m", "sha": "a" * 40, "revision": "main"}}}
+    with pytest.raises(hub.FetchError, match=f"weight_map names '{target}'.*before downloading"):
+        fetch.fetch("m", params)
+    assert downloads == []
+    (snapshot / "model.safetensors.index.json").write_text(json.dumps({"weight_map": ["x.safetensors"]}))
+    with pytest.raises(hub.FetchError, match="no weight_map"):
+        hub.weight_files(snapshot)

@@ -99,6 +99,16 @@ def file_digests(path: Path) -> dict[str, str]:
     return {f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in sorted(Path(path).iterdir())}
 
 
+def tree_digests(root: Path) -> dict[str, str]:
+    """Everything under root, recursively: sha256 of each file, 'dir' or the target of each link."""
+    out = {}
+    for p in sorted(Path(root).rglob("*")):
+        rel = p.relative_to(root).as_posix()
+        out[rel] = ("-> " + str(p.readlink()) if p.is_symlink() else "dir" if p.is_dir()
+                    else hashlib.sha256(p.read_bytes()).hexdigest())
+    return out
+
+
 def write_recipe(path: Path, recipe: dict | str) -> Path:
     import yaml
 
