@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import json
+import shutil
+import sys
 from pathlib import Path
 
 
@@ -15,3 +17,13 @@ def write_text(path: Path, text: str) -> None:
 
 def write_json(path: Path, data) -> None:
     write_text(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def fresh_temp(out: Path) -> Path:
+    """The temporary sibling a stage builds the directory `out` in. One that is already there was
+    left by an interrupted run (stages of one project never run twice at once): removed, and said."""
+    tmp = out.with_name(f".{out.name}.tmp")
+    if tmp.exists() or tmp.is_symlink():
+        shutil.rmtree(tmp) if tmp.is_dir() and not tmp.is_symlink() else tmp.unlink()
+        print(f"removed {tmp}, left by an interrupted run", file=sys.stderr)
+    return tmp

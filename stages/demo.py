@@ -27,6 +27,8 @@ from pathlib import Path
 
 import torch
 
+from .atomic import fresh_temp
+
 PAD, BOS, EOS = "<pad>", "<s>", "</s>"
 CHARS = string.digits + string.ascii_lowercase + "+=:;?,>. "
 VOCAB = [PAD, BOS, EOS] + list(CHARS)
@@ -149,8 +151,7 @@ def tokenizer_files() -> dict[str, dict]:
 
 
 def save(model, out: Path) -> None:
-    tmp = out.with_name(f".{out.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp = fresh_temp(out)
     model.save_pretrained(tmp)
     for name, data in tokenizer_files().items():
         (tmp / name).write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")

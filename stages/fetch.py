@@ -18,6 +18,7 @@ from pathlib import Path
 from mergekit_ops.errors import MergeError
 
 from . import hub
+from .atomic import fresh_temp
 from .cli import in_section, run_stage
 from .errors import FetchError
 from .preflight import check_model, hub_meta
@@ -39,8 +40,7 @@ def link_tree(src: Path, out: Path, patterns: list[str]) -> None:
     """Hard-link the top-level files of a snapshot that match `patterns` into out, atomically;
     copy across filesystems."""
     files = sorted(p for p in src.iterdir() if p.is_file() and any(fnmatch.fnmatch(p.name, k) for k in patterns))
-    tmp = out.with_name(f".{out.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp = fresh_temp(out)
     tmp.mkdir(parents=True)
     for f in files:
         real = f.resolve()  # HF cache entries are symlinks to blobs

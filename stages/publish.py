@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 
 from . import hub_push, tracking
-from .atomic import write_json
+from .atomic import fresh_temp, write_json
 from .built import artifact_path, parents
 from .card import build_card
 from .cli import in_section, run_stage
@@ -52,8 +52,7 @@ def publish(target: str, params: dict) -> str:
     spec = params["publish"][target]
     name = spec["model"]
     out = Path(params["artifacts"]) / "publish" / target
-    tmp = out.with_name(f".{target}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp = fresh_temp(out)
     tracking.connect()
     comparison = compare(name, params)
     model_id = tracking.ensure(name, params)

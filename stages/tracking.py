@@ -9,10 +9,17 @@ params.yaml on the way. Weights are never logged: DVC stores them.
 """
 from __future__ import annotations
 
+import http.client
 import os
+import sqlite3
+import ssl
 import subprocess
+import sys
+import urllib.error
+import urllib.parse
+import urllib.request
 import warnings
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
 from pathlib import Path
 
 from .built import artifact_path, parents
@@ -21,6 +28,14 @@ from .errors import LineageError
 
 EXPERIMENT = "mergeforge"
 TAG = "mergeforge."
+# MLflow's defaults (7 retries with backoff, 120 s per request) spend minutes on a dead server
+# before failing; these make a server that dies mid-run fail within a minute. A user's own
+# setting wins.
+HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+                 "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
+PROBE_TIMEOUT_S = 5
+SQLITE_HEADER = b"SQLite format 3\x00"
+MLFLOW_TABLES = ("alembic_version", "experiments")
 
 
 def tracking_uri(root: Path | None = None) -> str:
@@ -56,8 +71,10 @@ def connect(root: Path | None = None) -> str:
     logging.getLogger("mlflow").setLevel(logging.WARNING)  # migrations and registry chatter
     warnings.filterwarnings("ignore", module="mlflow")
     root = (root or Path.cwd()).resolve()
+    uri = tracking_uri(root)
+    check_store(uri)
     user_choice = os.environ.get("MLFLOW_TRACKING_URI")
-    mlflow.set_tracking_uri(tracking_uri(root))
+    mlflow.set_tracking_uri(uri)
     if user_choice is None:  # MLflow exports the URI for subprocesses: a DVC run would inherit this project's
         os.environ.pop("MLFLOW_TRACKING_URI", None)
     with mlflow_errors("cannot open the experiment"):
@@ -66,6 +83,69 @@ def connect(root: Path | None = None) -> str:
                          mlflow.create_experiment(EXPERIMENT, artifact_location=(root / "mlartifacts").as_uri()))
         mlflow.set_experiment(experiment_id=experiment_id)
         return experiment_id
+
+
+def check_store(uri: str) -> None:
+    """Fail before MLflow does: MLflow retries an absent server for minutes, and silently turns an
+    empty or foreign sqlite file into a fresh store, losing the lineage history."""
+    scheme = uri.partition(":")[0].lower()
+    if scheme in ("http", "https"):
+        for name, value in HTTP_DEFAULTS.items():
+            os.environ.setdefault(name, value)
+        check_server(uri)
+    elif scheme == "sqlite":
+        check_sqlite(uri)
+
+
+def check_server(uri: str) -> None:
+    """Any HTTP answer to /health within seconds means a server is there (its own errors, such as
+    a 401, come later from MLflow with their reason); silence or a refused connection is an error."""
+    url = shown_uri(uri).rstrip("/") + "/health"  # credentials stay out of the probe and the message
+    tls = ssl.create_default_context()
+    tls.check_hostname, tls.verify_mode = False, ssl.CERT_NONE  # reachability only: MLflow verifies
+    try:
+        urllib.request.urlopen(url, timeout=PROBE_TIMEOUT_S, context=tls).close()
+    except urllib.error.HTTPError:
+        pass
+    except (OSError, http.client.HTTPException) as exc:  # refused, timed out, TLS failed, not HTTP
+        reason = getattr(exc, "reason", exc)
+        raise LineageError(f"MLflow at {shown_uri(uri)}: cannot reach the tracking server ({type(reason).__name__}: "
+                           f"{reason}): start it, or fix MLFLOW_TRACKING_URI (or unset it to record lineage in the "
+                           "project's mlflow.db)") from None
+
+
+def check_sqlite(uri: str) -> None:
+    """An existing store must be an MLflow sqlite DB (read-only check); a missing one is a first run."""
+    from sqlalchemy.engine import make_url  # the parser MLflow's store uses: same file
+
+    database = make_url(uri).database
+    if not database or database == ":memory:":
+        return
+    path = Path(database).absolute()
+    if not path.exists():
+        print(f"creating a new MLflow store at {path}", file=sys.stderr)
+        return
+    fix = "restore it from a backup, or delete it to start a new history"
+    try:
+        with path.open("rb") as f:
+            header = f.read(len(SQLITE_HEADER))
+        if not header:
+            problem = "is empty (0 bytes)"
+        elif header != SQLITE_HEADER:
+            problem = "is not an SQLite database (corrupt or overwritten)"
+        else:
+            ro = f"file:{urllib.parse.quote(str(path))}?mode=ro"
+            with closing(sqlite3.connect(ro, uri=True)) as db:
+                tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+            missing = [t for t in MLFLOW_TABLES if t not in tables]
+            if not missing:
+                return
+            problem = f"is an SQLite database but not an MLflow store (no {', '.join(missing)} table)"
+            fix = "move it away, or set MLFLOW_TRACKING_URI to the store you meant"
+    except (OSError, sqlite3.Error) as exc:
+        problem = f"cannot be read ({type(exc).__name__}: {exc})"
+        fix = "check its permissions, or restore it from a backup"
+    raise LineageError(f"MLflow store {path} {problem}: {fix}")
 
 
 def find(name: str, digest: str | None = None):
