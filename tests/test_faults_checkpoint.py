@@ -126,6 +126,7 @@ def test_a_config_that_is_a_list_names_the_file(tmp_path, seed):
         Checkpoint.open(str(model))
 
 
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")  # torch's note on pickle.dump's protocol
 def test_pickles_that_are_hostile_or_not_state_dicts_are_errors_with_allow_pickle(tmp_path, seed):
     class Runs:
         def __reduce__(self):
