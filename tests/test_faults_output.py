@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from mergekit_ops import MergeOptions, merge
+from mergekit_ops import merge
 from mergekit_ops import engine as engine_module
 from mergekit_ops import outdir
 from mergekit_ops.errors import MergeError, RecipeError
