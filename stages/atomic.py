@@ -23,7 +23,11 @@ def fresh_temp(out: Path) -> Path:
     """The temporary sibling a stage builds the directory `out` in. One that is already there was
     left by an interrupted run (stages of one project never run twice at once): removed, and said."""
     tmp = out.with_name(f".{out.name}.tmp")
-    if tmp.exists() or tmp.is_symlink():
-        shutil.rmtree(tmp) if tmp.is_dir() and not tmp.is_symlink() else tmp.unlink()
-        print(f"removed {tmp}, left by an interrupted run", file=sys.stderr)
+    if tmp.is_dir() and not tmp.is_symlink():
+        shutil.rmtree(tmp)
+    elif tmp.exists() or tmp.is_symlink():
+        tmp.unlink()
+    else:
+        return tmp
+    print(f"removed {tmp}, left by an interrupted run", file=sys.stderr)
     return tmp

@@ -209,3 +209,14 @@ def test_kill_9_mid_merge_keeps_the_previous_output_and_the_next_run_cleans_up(t
     result = _cli([str(recipe), str(tmp_path / "out")], cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".out.")]
+
+
+def test_a_stage_removes_the_temporary_folder_an_interrupted_run_left_and_says_so(tmp_path, capsys):
+    from stages.atomic import fresh_temp
+
+    out = tmp_path / "artifacts" / "models" / "m"
+    assert fresh_temp(out) == out.with_name(".m.tmp") and capsys.readouterr().err == ""
+    out.with_name(".m.tmp").mkdir(parents=True)
+    (out.with_name(".m.tmp") / "model.safetensors").write_bytes(os.urandom(64))
+    assert not fresh_temp(out).exists()
+    assert capsys.readouterr().err == f"removed {out.with_name('.m.tmp')}, left by an interrupted run\n"
