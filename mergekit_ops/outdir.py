@@ -103,7 +103,7 @@ def _alive(pid: int) -> bool:
     except (ProcessLookupError, OverflowError):
         return False
     except PermissionError:  # another user's process
-        return True
+        pass
     return True
 
 
