@@ -152,6 +152,7 @@ def test_evaluation_sweep_and_publish_errors_name_file_and_key(tmp_path, merges,
         _check(_conf(tmp_path, MODELS, merges, config, evals, publish))
 
 
+@pytest.mark.slow
 def test_stage_code_deps_cover_every_project_module_the_stage_loads():
     """A stage's code deps come from its import statements; Python's own import of the stage
     must load no project module they miss (else editing it would not rerun the stage)."""

@@ -25,12 +25,14 @@ def two_runs(tmp_path_factory):
     return root / "a", root / "b"
 
 
+@pytest.mark.slow
 def test_demo_training_is_byte_identical_across_runs(two_runs):
     a, b = (_digests(r) for r in two_runs)
     assert {"base/model.safetensors", "add/model.safetensors", "rev/tokenizer.json", "eval/get.jsonl"} <= set(a)
     assert a == b
 
 
+@pytest.mark.slow
 def test_demo_tokenizer_round_trips_every_character(two_runs):
     from transformers import PreTrainedTokenizerFast
 

@@ -100,6 +100,7 @@ def test_pickle_only_model_is_not_loaded(tmp_path, seed):
         load(path)
 
 
+@pytest.mark.slow
 def test_lm_eval_task_from_local_files_matches_choice_loglikelihoods(tmp_path, lm, seed, monkeypatch):
     pytest.importorskip("lm_eval")
     monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "datasets"))

@@ -189,6 +189,7 @@ def test_an_output_moved_aside_by_a_dead_run_is_restored(workspace, monkeypatch,
     assert any("restored the earlier output" in r.getMessage() for r in caplog.records)
 
 
+@pytest.mark.slow
 def test_kill_9_mid_merge_keeps_the_previous_output_and_the_next_run_cleans_up(tmp_path, seed):
     models = write_family(tmp_path, llama_state(layers=8, hidden=256, inter=512, seed=seed), seed)
     recipe = write_recipe(tmp_path / "r.yml", {"merge_method": "dare_ties", "base_model": str(models["base"]),

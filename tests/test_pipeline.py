@@ -13,6 +13,8 @@ from safetensors.torch import load_file
 from pipeline import hub_cache, new_project, read_conf, repro, run, write_conf
 from tiny import finetune, llama_state, load_dir, write_model
 
+pytestmark = pytest.mark.slow  # end-to-end: DVC projects built and run (`pytest -m 'not slow'` skips them)
+
 
 def _ties(density=0.5):
     return {"merge_method": "ties", "base_model": "base", "parameters": {"normalize": True},

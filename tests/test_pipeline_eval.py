@@ -11,6 +11,8 @@ import pytest
 from pipeline import new_project, repro, run, write_conf
 from tiny import write_causal_lm
 
+pytestmark = pytest.mark.slow  # end-to-end: DVC projects built and run (`pytest -m 'not slow'` skips them)
+
 
 @pytest.fixture(scope="module")
 def built(tmp_path_factory, mlflow_template):

@@ -53,6 +53,7 @@ def test_a_closed_port_fails_within_seconds(http_env, closed_port, monkeypatch):
     assert "MLFLOW_TRACKING_URI" in message  # says what to do
 
 
+@pytest.mark.slow
 def test_a_server_that_never_answers_fails_within_seconds(http_env, silent_server, monkeypatch):
     message, elapsed = connect_error(f"http://127.0.0.1:{silent_server}", monkeypatch)
     assert elapsed < 15
