@@ -78,7 +78,8 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict]:
         (size,) = struct.unpack("<Q", raw)
         if size > min(MAX_HEADER_BYTES, file_size - 8):
             raise CheckpointError(f"{path}: not a safetensors file (header size {size}, file size {file_size})")
-        blob = _pread_exact(fd, size, 8, path)
+        blob = bytearray(size)
+        _pread_into(fd, memoryview(blob), 8, f"{path}: unexpected end of file in the safetensors header")
     except OSError as exc:
         raise CheckpointError(f"{path}: cannot read safetensors header: {exc.strerror or exc}") from None
     finally:
@@ -135,17 +136,6 @@ def _natural(x) -> bool:
     return isinstance(x, int) and not isinstance(x, bool) and x >= 0
 
 
-def _pread_exact(fd: int, size: int, offset: int, path: Path) -> bytes:
-    parts, done = [], 0
-    while done < size:
-        part = os.pread(fd, size - done, offset + done)
-        if not part:
-            raise CheckpointError(f"{path}: unexpected end of file in the safetensors header")
-        parts.append(part)
-        done += len(part)
-    return b"".join(parts)
-
-
 def read_tensor(info: TensorInfo, fd: int | None = None) -> torch.Tensor:
     """One tensor, backed by a private mapping of its bytes, populated up front.
 
@@ -187,14 +177,19 @@ def _populate(data: torch.Tensor) -> None:
 
 def _pread_tensor(info: TensorInfo, fd: int) -> torch.Tensor:
     buf = torch.empty(info.nbytes, dtype=torch.uint8)
-    view = memoryview(buf.numpy())
-    done = 0
-    while done < info.nbytes:
-        n = os.preadv(fd, [view[done:]], info.offset + done)
-        if n <= 0:
-            raise CheckpointError(f"{info.path}: unexpected end of file reading '{info.name}'")
-        done += n
+    _pread_into(fd, memoryview(buf.numpy()), info.offset, f"{info.path}: unexpected end of file reading '{info.name}'")
     return buf.view(info.dtype).reshape(info.shape)
+
+
+def _pread_into(fd: int, view: memoryview, offset: int, short: str) -> None:
+    """Fill view from the file at offset, however many reads it takes; CheckpointError(short) at
+    the end of the file."""
+    done = 0
+    while done < len(view):
+        n = os.preadv(fd, [view[done:]], offset + done)
+        if n <= 0:
+            raise CheckpointError(short)
+        done += n
 
 
 def _itemsize(dtype: torch.dtype) -> int:

@@ -36,11 +36,11 @@ def check_files(conf_dir: Path) -> None:
     """Every YAML file under conf/ (a defaults list may pull in any of them), typed by its schema
     where it has one."""
     for f in sorted(conf_dir.rglob("*.yaml")):
-        check_file(f, Config if f == conf_dir / "config.yaml" else
+        _check_file(f, Config if f == conf_dir / "config.yaml" else
                    SCHEMAS.get(f.parent.name) if f.parent.parent == conf_dir else None)
 
 
-def check_file(path: Path, schema: type | None) -> None:
+def _check_file(path: Path, schema: type | None) -> None:
     """Read a conf file safely before Hydra does: Hydra's loader has no bound on aliases or depth,
     and a file that is not UTF-8 or not one mapping ends in a traceback inside it."""
     if not path.is_file():  # a FIFO or a device would block or never end

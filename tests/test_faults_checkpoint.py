@@ -214,9 +214,11 @@ def test_fuzzed_headers_are_read_or_refused_within_the_file(tmp_path, monkeypatc
     path = tmp_path / "f.safetensors"
     path.write_bytes(struct.pack("<Q", max(0, len(blob) + size_delta)) + blob + data)
     size = path.stat().st_size
-    asked = []
-    real_pread = os.pread
+    asked = []  # bytes each read asks for (the buffer a read fills is allocated for it)
+    real_pread, real_preadv = os.pread, os.preadv
     monkeypatch.setattr(safetensors_io.os, "pread", lambda fd, n, off: asked.append(n) or real_pread(fd, n, off))
+    monkeypatch.setattr(safetensors_io.os, "preadv", lambda fd, bufs, off: asked.append(sum(map(len, bufs)))
+                        or real_preadv(fd, bufs, off))
     try:
         infos, _ = read_header(path)
     except CheckpointError as exc:
