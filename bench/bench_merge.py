@@ -99,8 +99,8 @@ def dir_bytes(model_dir: str) -> int:
     return sum(os.path.getsize(f) for f in model_files(model_dir) if f.endswith(".safetensors"))
 
 
-# Page-aligned anonymous-mmap buffers: reading into a bytearray runs at ~2.5 GB/s on this kind of VM,
-# into an mmap'd buffer at 8-10 GB/s (the speed of `dd bs=1M`), which is the honest floor.
+# Page-aligned anonymous-mmap buffers: reads into them run at the speed of `dd bs=1M`, much faster
+# than into a bytearray (docs/benchmarks.md), which makes the bound honest.
 _rbuf = mmap.mmap(-1, CHUNK)
 
 

@@ -41,7 +41,7 @@ from safetensors.torch import load_file  # noqa: E402
 from pipeline import new_project, read_conf, run, write_conf  # noqa: E402
 from tiny import llama_state, tree_digests, write_family, write_recipe  # noqa: E402
 
-SHAPE = dict(layers=16, hidden=768, inter=2048)  # ~450 MB per model in float32: a dare_ties merge takes ~2-4 s
+SHAPE = dict(layers=16, hidden=768, inter=2048)  # ~450 MB per model in float32: a merge long enough to kill mid-way
 ENV = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
 FAILED: list[str] = []
 
@@ -178,7 +178,7 @@ def dead_lock_pids(rwlock: Path) -> set[int]:
 
 
 def dvc(work: Path, fam: dict, trials: int, delay: Callable[[float], float]) -> dict:
-    from stages import tracking
+    from stages.common import tracking
 
     name = "dvc repro"
     tracking.connect(work / "mlflow-template")  # migrate one DB, as tests/conftest.py does

@@ -7,17 +7,23 @@ Attributes load lazily so that `python -m mergekit_ops --help` does not pay for 
 """
 from __future__ import annotations
 
-__all__ = ["merge", "merge_file", "MergeOptions", "load_recipes", "MergeError", "RecipeError", "CheckpointError"]
-
-_EXPORTS = {
-    "merge": "engine", "merge_file": "engine", "MergeOptions": "engine", "load_recipes": "recipe",
-    "MergeError": "errors", "RecipeError": "errors", "CheckpointError": "errors",
+_EXPORTS = {  # public name: (module, its name there)
+    "merge": ("engine", "merge"), "merge_file": ("engine", "merge_file"), "MergeOptions": ("engine", "MergeOptions"),
+    "load_recipes": ("recipe", "load_recipes"), "parse_recipe": ("recipe", "parse_recipe"), "Recipe": ("recipe", "Recipe"),
+    "MergeError": ("errors", "MergeError"), "RecipeError": ("errors", "RecipeError"),
+    "CheckpointError": ("errors", "CheckpointError"),
+    # what the pipeline (stages/) uses besides merging: checks before a download, progress, safe YAML
+    "Checkpoint": ("checkpoint", "Checkpoint"), "is_vocab_tensor": ("vocab", "is_vocab_tensor"),
+    "is_device_name": ("devices", "is_device_name"), "ProgressBar": ("progress", "ProgressBar"),
+    "load_yaml_file": ("safe_yaml", "load_file"), "METHODS": ("methods", "METHODS"),
 }
+__all__ = list(_EXPORTS)
 
 
 def __getattr__(name: str):
     if name in _EXPORTS:
         import importlib
 
-        return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+        module, attr = _EXPORTS[name]
+        return getattr(importlib.import_module(f".{module}", __name__), attr)
     raise AttributeError(f"module 'mergekit_ops' has no attribute '{name}'")

@@ -46,7 +46,7 @@ class ListMethods(argparse.Action):
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m mergekit_ops",
+        prog="python -m mergekit_ops" if sys.argv[0].endswith("__main__.py") else "mergekit-ops",
         description="Merge safetensors checkpoints as a mergekit YAML recipe describes. "
                     "Multi-document recipes build every named document first; the last (or unnamed) one "
                     "is written to OUT_DIR.")
@@ -71,7 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def keep_freed_memory() -> None:
     """glibc hands freed blocks above 128 KiB straight back to the kernel, so every tensor buffer
-    is faulted in afresh (page faults were half of the CPU time). Keep up to 256 MiB for reuse."""
+    is faulted in afresh, and page faults take a large share of the CPU time (measured:
+    docs/benchmarks.md). Keep up to 256 MiB for reuse."""
     try:
         import ctypes
 
@@ -87,13 +88,15 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     keep_freed_memory()
     # Idle OpenMP workers otherwise spin for the CPU that our read and write threads need
-    # (and, on a busy machine, that other processes need): a 4-5x slowdown under contention.
+    # (and, on a busy machine, that other processes need): a large slowdown under contention
+    # (measured: docs/benchmarks.md).
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     # numpy's OpenBLAS (loaded with torch; we never call it) starts a thread per core, and they
-    # spun for 1-2% of a linear merge's CPU.
+    # spin on CPU the merge needs, for no work (measured: docs/benchmarks.md).
     os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
-    # Importing torch makes ~250,000 objects: collections during the import cost 0.1 s (7% of it),
-    # and the first ones after it walked them all again (0.15 s). Frozen, no collection visits them.
+    # Importing torch makes a great many objects: collections during the import walk them, and the
+    # first ones after it walk them all again (costs: docs/benchmarks.md). Frozen, no collection
+    # visits them.
     with collector.paused():
         import torch
 
@@ -126,11 +129,17 @@ def main(argv: list[str] | None = None) -> int:
 
 def leave(code: int) -> None:
     """Exit once the output is complete and closed, without the interpreter's teardown: unloading
-    torch took 0.1-0.15 s after a merge, 3% of a 1.9 GB linear merge, and did nothing for anyone."""
+    torch after a merge takes a noticeable share of its time (measured: docs/benchmarks.md) and does
+    nothing for anyone."""
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The `mergekit-ops` command."""
     leave(main())
+
+
+if __name__ == "__main__":
+    cli()

@@ -6,7 +6,7 @@ import threading
 import torch
 
 # elements per streamed chunk: a thread's buffers for it stay in the shared cache (at 1M, DARE's and
-# model_stock's did not: 20% slower). A constant: random draws are made per chunk
+# model_stock's did not, and ran slower: docs/benchmarks.md). A constant: random draws are made per chunk
 CHUNK = 1 << 19
 GPU_CHUNKS = 32  # chunks per slice on a GPU: one chunk's kernels take microseconds, and it waited on the host
 _SCRATCH = threading.local()  # per thread: slice-sized buffers reused by map_chunks

@@ -8,8 +8,8 @@ from contextlib import contextmanager
 @contextmanager
 def paused():
     """No collections inside; the collector's previous state after. Used around the torch import
-    (~250,000 objects) and the merge loop, whose many small objects otherwise trigger full
-    collections over everything torch imported."""
+    (a great many objects; counted in docs/benchmarks.md) and the merge loop, whose many small
+    objects otherwise trigger full collections over everything torch imported."""
     enabled = gc.isenabled()
     gc.disable()
     try:

@@ -34,8 +34,8 @@ from .vocab import align
 
 # While the writer writes a batch, finished tensors wait for it until this many bytes of them do;
 # then the merge waits, and they go in one call. A direct write waits for a busy core after each
-# call (8 MB calls took up to 2x as long as 64 MB ones with both cores merging); batches took 5-7%
-# off linear merges and 7-11% off task_arithmetic (in-process A/B; 24 MB batches were slower).
+# call, so with both cores merging small calls take longer per byte; batches of this size made
+# merges faster, smaller batches did not (measured: docs/benchmarks.md).
 WRITE_BATCH_BYTES = 64 << 20
 
 
@@ -137,7 +137,7 @@ def execute(plan: MergePlan, out_dir: Path, options: MergeOptions, base_dir: Pat
             extras = whole_model_extras(plan, reader.load, device, options)
         finally:
             reader.close()
-        # collections cost 5% of a linear merge
+        # the merge's many small objects would trigger full collections (their cost: docs/benchmarks.md)
         with collector.paused(), _workers() as pool, _draw_threads(device) as draws:
             _run(plan, writer, device, replace(options, pool=pool, draws=draws, outputs=OutputBuffers()), extras)
         writer.close()
@@ -180,14 +180,15 @@ def _device(name: str) -> torch.device:
 def _workers():
     """A pool of one thread per core for chunk and per-input work, with torch at one thread per op
     meanwhile. Torch's own two-thread ops wait at a barrier for both cores: when another process
-    takes one, every op stalls for its time slice (a merge took 3x longer); pool threads just take
-    the next chunk. Results never depend on the thread count (see TensorJob.map_chunks)."""
+    takes one, every op stalls for its time slice (merges slowed badly: docs/benchmarks.md); pool
+    threads just take the next chunk. Results never depend on the thread count (see
+    TensorJob.map_chunks)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # threads created from now on start with one thread per op
     try:
         # ...except in MKL's BLAS calls (torch.dot), which used every core in each worker until
-        # the worker set its own count: two workers' dot products ran no faster than one's, and
-        # their rounding depended on the machine's core count
+        # the worker set its own count, so a second worker's dot products gained nothing (measured:
+        # docs/benchmarks.md), and their rounding depended on the machine's core count
         with ThreadPoolExecutor(max(1, min(4, os.cpu_count() or 1)), thread_name_prefix="mergekit-work",
                                 initializer=torch.set_num_threads, initargs=(1,)) as pool:
             yield pool

@@ -168,9 +168,9 @@ def read_tensor(info: TensorInfo, fd: int | None = None) -> torch.Tensor:
 
 def _populate(data: torch.Tensor) -> None:
     """Map the pages now, on the read-ahead thread, for reading: a read every FAULT_AROUND bytes
-    (and of the last byte), each of whose faults maps the cached pages around it. A third less
-    CPU than MADV_POPULATE_READ, which walks the pages one by one; torch lets go of the GIL
-    meanwhile. A page left unmapped (a smaller fault-around) is mapped when first read."""
+    (and of the last byte), each of whose faults maps the cached pages around it. Less CPU than
+    MADV_POPULATE_READ, which walks the pages one by one (measured: docs/benchmarks.md); torch lets
+    go of the GIL meanwhile. A page left unmapped (a smaller fault-around) is mapped when first read."""
     data[::FAULT_AROUND].sum()  # the reads are the point: the sums are thrown away
     data[-1:].sum()
 
@@ -328,10 +328,11 @@ class SequentialFile:
     """A file written front to back, with O_DIRECT where the filesystem takes it.
 
     Buffered writes of a multi-GB output into fresh page-cache pages cost more CPU than a linear
-    merge itself on the VMs we measured (and varied 0.5-6 s for 1.9 GB); direct writes cost ~0.1 s
-    of CPU at disk speed. Bytes pass through a page-aligned staging buffer, except the whole blocks
-    of data whose memory is aligned as its place in the file is; every write starts and ends on a
-    block, so the last partial block is padded, written, and the file truncated to its true size.
+    merge itself on the VMs we measured, and varied widely; direct writes cost little CPU at disk
+    speed (measured: docs/benchmarks.md). Bytes pass through a page-aligned staging buffer, except
+    the whole blocks of data whose memory is aligned as its place in the file is; every write starts
+    and ends on a block, so the last partial block is padded, written, and the file truncated to its
+    true size.
     Whole blocks wait for flush() (or a full stage, or close()) and then go in one writev: the
     engine flushes once per batch of tensors (engine.WRITE_BATCH_BYTES).
     """
@@ -355,8 +356,8 @@ class SequentialFile:
     def write(self, data: memoryview) -> None:
         """Append data; its whole blocks may wait for flush() (data must stay unchanged until then).
         Where data's address matches its file offset modulo BLOCK (see OutputBuffers), its whole
-        blocks go to the disk straight from its memory: copying every byte through the stage was a
-        tenth of a linear merge's CPU time."""
+        blocks go to the disk straight from its memory: copying every byte through the stage cost a
+        sizeable share of a linear merge's CPU time (measured: docs/benchmarks.md)."""
         self.size += len(data)
         if self.stage is None:
             _write_all(self.fd, data)

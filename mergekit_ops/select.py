@@ -2,10 +2,10 @@
 
 Non-negative float32 values order the same way as their bit patterns read as int32, so the k-th
 largest value is found with two 16-bit histogram passes (radix select) instead of a full argsort
-(~20x faster on an 11.5M-element tensor; sort does not use a second core). The passes take the
-values slice by slice (chunks.span: a chunk on the CPU, 16 on a GPU), so a tensor's magnitudes
-never need to exist in memory all at once, and on the merge's pool, slices side by side. ("Chunk"
-below means such a slice.)
+(much faster, and sort does not use a second core; measured: docs/benchmarks.md). The passes take
+the values slice by slice (chunks.span: a chunk on the CPU, GPU_CHUNKS chunks, 16M elements, on a
+GPU), so a tensor's magnitudes never need to exist in memory all at once, and on the merge's pool,
+slices side by side. ("Chunk" below means such a slice.)
 
 Tie-break: exactly k positions are kept. Values equal to the threshold are kept lowest flat index
 first. bf16 deltas take few distinct values, so ties at the threshold are common; this rule makes
@@ -35,7 +35,7 @@ def magnitude_bits(values: torch.Tensor, in_place: bool = False) -> torch.Tensor
 def below(x: torch.Tensor, bound: int) -> torch.Tensor:
     """x < bound as a 0/1 uint8 mask of a chunk of integers, by arithmetic: x - bound is negative
     exactly there, and its sign bit shifted down is -1 (torch's comparisons write bools element by
-    element, ~5x slower). x - bound must fit x's dtype."""
+    element, which is slower: docs/benchmarks.md). x - bound must fit x's dtype."""
     diff = torch.sub(x, bound, out=scratch(1, x.dtype, x.device, "select")[0][:x.numel()])
     return diff.bitwise_right_shift_(8 * x.element_size() - 1).neg_().to(torch.uint8)
 
@@ -83,7 +83,8 @@ def thresholds(map_bits: MapBits, ks: list[int]) -> list[tuple[int, int, dict[in
 def bucket_histogram(bits: torch.Tensor, hi: int) -> torch.Tensor:
     """Counts (int32) of the low 16 bits among the entries whose high 16 bits are `hi`. Shifted so
     the bucket lands in bins 1..LO_BINS and every other entry clamps into the two end bins: no
-    boolean indexing (a comparison and a gather cost twice the whole histogram)."""
+    boolean indexing (a comparison and a gather cost more than the whole histogram, measured in
+    docs/benchmarks.md)."""
     shifted = torch.sub(bits, (hi << 16) - 1, out=scratch(1, torch.int32, bits.device, "select")[0][:bits.numel()])
     return torch.bincount(shifted.clamp_(0, LO_BINS + 1), minlength=LO_BINS + 2)[1:LO_BINS + 1].to(torch.int32)
 

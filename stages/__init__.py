@@ -1,4 +1,4 @@
-"""Pipeline stages (fetch, merge, evaluate, publish): the glue between conf/, DVC, MLflow and the hub.
-
-Each stage is a thin module: parse its config, call library code, write outputs atomically.
-"""
+"""Pipeline stages, one package each (compose, demo, fetch, merge, evaluate, lineage, publish), the
+parts they share (common) and the `mergeforge` command (cli): the glue between conf/, DVC, MLflow
+and the hub. A stage parses its part of params.yaml, calls library code and writes its outputs
+atomically."""

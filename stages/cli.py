@@ -1,41 +1,100 @@
-"""The shared entry point of per-item stages: `python -m stages.X NAME` acts on one item of
-params.yaml and reports failures as one line naming what is at fault (exit 2), never a traceback."""
+"""`mergeforge`: what a user of a project runs by hand (`dvc repro` runs the stages themselves).
+
+    mergeforge new DIR          a project of one's own
+    mergeforge check            check conf/ (and whether dvc.yaml matches it); builds nothing
+    mergeforge compose          write params.yaml and dvc.yaml from conf/ now
+    mergeforge report           every model's and merge's scores as one table
+    mergeforge lineage NAME     how a model or merge was made, read back from MLflow
+"""
 from __future__ import annotations
 
+import argparse
 import sys
 from pathlib import Path
-from typing import Callable
-
-import yaml
 
 
-def run_stage(argv: list[str] | None, prog: str, what: str, exists: Callable[[dict, str], bool],
-              action: Callable[[str, dict], str], errors: tuple[type[Exception], ...]) -> int:
-    args = sys.argv[1:] if argv is None else argv
-    if len(args) != 1:
-        print(f"usage: python -m {prog} NAME", file=sys.stderr)
-        return 2
-    params = yaml.safe_load(Path("params.yaml").read_text()) if Path("params.yaml").is_file() else None
-    if not params or not exists(params, args[0]):
-        print(f"error: no {what} '{args[0]}' in params.yaml (run `dvc repro`, which composes conf/ first)",
-              file=sys.stderr)
-        return 2
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="mergeforge", description="A declarative build system for merged models: "
+                                "recipes in conf/, builds by DVC (`dvc repro`), lineage in MLflow, publishing to "
+                                "the Hugging Face hub. These commands are what one runs by hand.")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    new = sub.add_parser("new", help="start a project of one's own in DIR",
+                         description="Create DIR as a mergeforge project: git and DVC initialised, the demo off, "
+                         "conf/examples with a commented example of each conf/ file, and a small evaluation suite "
+                         "(conf/eval/mine.yaml over data/eval/mine.jsonl) to replace with your own.")
+    new.add_argument("dir", metavar="DIR", type=Path, help="the project folder to create (new, or empty)")
+    for name, text in (("check", "check conf/ and say whether dvc.yaml matches it; write nothing"),
+                       ("compose", "write params.yaml and dvc.yaml from conf/ (what `dvc repro` does first)")):
+        cmd = sub.add_parser(name, help=text, description=text[0].upper() + text[1:] + ".")
+        cmd.add_argument("overrides", nargs="*", metavar="OVERRIDE",
+                         help="a Hydra override of a conf/ value, e.g. merges.soup.seed=3")
+        cmd.add_argument("--root", type=Path, default=Path.cwd(), help="the project (default: the current directory)")
+    sub.add_parser("report", help="print every evaluated model's and merge's scores as one markdown table",
+                   description="Print every evaluated model's and merge's scores (artifacts/eval/NAME.json) as "
+                   "one markdown table, with each suite's mean where higher is better.")
+    lineage = sub.add_parser("lineage", help="print how a model or merge was made, from MLflow",
+                             description="Print the lineage tree of NAME from MLflow: the merges it was made from, "
+                             "down to the source models with their hub commits or paths and content digests. The "
+                             "store is MLFLOW_TRACKING_URI when set, else mlflow.db in the project.")
+    lineage.add_argument("name", metavar="NAME", help="a model (conf/models) or merge (conf/merges) by name")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "new":
+        return _new(args.dir)
+    if args.command == "check":
+        return _check(args.root, args.overrides)
+    if args.command == "compose":
+        from .compose.stage import main as compose
+
+        return compose(args.overrides + ["--root", str(args.root)])
+    if args.command == "report":
+        from .evaluate.report import main as report
+
+        return report(["--all"])
+    from .lineage.stage import main as lineage
+
+    return lineage([args.name])
+
+
+def _new(target: Path) -> int:
+    from .common.errors import ConfigError
+    from .new_project import create
+
     try:
-        print(action(args[0], params), file=sys.stderr)
-    except errors as exc:
+        create(target)
+    except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    except OSError as exc:  # disk full, permissions...: the message names the file
-        print(f"error: {what} '{args[0]}': {exc}", file=sys.stderr)
-        return 2
+    print(f"created {target}: copy files of {target / 'conf' / 'examples'} into conf/models and conf/merges, "
+          "then `dvc repro` (twice the first time: it writes the graph, then builds it)", file=sys.stderr)
     return 0
 
 
-def in_section(section: str, accept: Callable[[dict], bool] = lambda spec: True) -> Callable[[dict, str], bool]:
-    """`exists` for items of one params.yaml section."""
-    return lambda params, name: name in (params.get(section) or {}) and accept(params[section][name])
+def _check(root: Path, overrides: list[str]) -> int:
+    from mergekit_ops import RecipeError
+
+    from .common.errors import ConfigError, FetchError
+    from .compose.stage import plan, report_error
+
+    try:
+        params, dvc_yaml = plan(root, overrides, pin=False)
+    except (ConfigError, RecipeError, FetchError) as exc:
+        return report_error(str(exc))
+    count = lambda n, what: f"{n} {what}{'' if n == 1 else 's'}"  # noqa: E731
+    print(f"conf/ is valid: {count(len(params['models']), 'model')}, {count(len(params['merges']), 'recipe')}, "
+          f"{count(len(params['evaluate']['suites']), 'evaluation suite')}, "
+          f"{count(len(params['publish']), 'publish target')}")
+    if params["merges"] and not params["evaluate"]["suites"]:
+        print("note: conf/eval holds no suite, so nothing is evaluated")
+    current = root / "dvc.yaml"
+    if not current.is_file() or current.read_text() != dvc_yaml:
+        print("dvc.yaml does not match conf/ yet: `dvc repro` rewrites it and stops once (run it again), "
+              "or `mergeforge compose` rewrites it now")
+    return 0
 
 
-def is_model(params: dict, name: str) -> bool:
-    """`exists` for any model or merge."""
-    return name in (params.get("models") or {}) or name in (params.get("merges") or {})
+if __name__ == "__main__":
+    sys.exit(main())

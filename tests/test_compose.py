@@ -1,5 +1,6 @@
 """conf/ composition: the schema types every file, and every config error names its file and key
 before anything runs; dvc.yaml is rendered from conf/ and the checked-in one is in sync."""
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -7,8 +8,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from stages import compose, graph
-from stages.errors import ConfigError
+from stages.compose import graph as graph_module, stage as compose
+from stages.common.errors import ConfigError
 from mergekit_ops.errors import RecipeError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -44,7 +45,7 @@ def test_composes_models_and_merges_into_a_typed_config(tmp_path):
     assert cfg.models.a.revision == "main" and cfg.merges.soup.seed == 0
     graph = compose.check(cfg, conf)
     assert graph.merges == ["soup", "again"]  # dependency order
-    params = compose.resolved_params(cfg, graph)
+    params = compose.resolved_params(cfg, graph, tmp_path)
     assert params["merges"]["again"]["inputs"] == {"soup": "artifacts/merges/soup", "a": "x/a"}  # local: in place
     assert "seed" not in params["merges"]["soup"]["recipe"] and "device" not in params["merges"]["soup"]["recipe"]
     assert params["merges"]["soup"]["device"] == "cpu"  # the default: the math runs on the CPU
@@ -94,10 +95,10 @@ def test_checked_in_dvc_yaml_matches_conf():
 
 
 def test_interpolations_resolve_and_a_broken_one_names_its_file(tmp_path, capsys):
-    conf = _conf(tmp_path, MODELS, {"soup": {**_soup("a", "b"), "seed": "${merges.other.seed}"},
-                                    "other": {**_soup("a"), "seed": 7}})
+    conf = _conf(tmp_path, MODELS, {"soup": {**_soup("a", "b"), "device": "${merges.other.device}"},
+                                    "other": {**_soup("a"), "device": "cuda:1"}})
     cfg = compose.compose(conf)
-    assert compose.resolved_params(cfg, compose.check(cfg, conf))["merges"]["soup"]["seed"] == 7
+    assert compose.resolved_params(cfg, compose.check(cfg, conf), tmp_path)["merges"]["soup"]["device"] == "cuda:1"
     conf = _conf(tmp_path / "2", MODELS, {"soup": {**_soup("a"), "description": "${nowhere}"}})
     assert compose.main(["--root", str(tmp_path / "2")]) == 2
     assert "conf/merges/soup.yaml: key 'description'" in capsys.readouterr().err
@@ -119,7 +120,7 @@ def test_sweep_builds_one_recipe_per_value_and_a_curve_stage(tmp_path):
     graph = compose.check(cfg, conf)
     assert set(graph.merges) == {"mix", "ta-1", "ta-2", "w-1"}
     assert graph.merges.index("ta-2") < graph.merges.index("mix")  # a variant is a recipe like any other
-    params = compose.resolved_params(cfg, graph)
+    params = compose.resolved_params(cfg, graph, tmp_path)
     assert [params["merges"][f"ta-{i}"]["recipe"]["parameters"]["lambda"] for i in (1, 2)] == [0.5, 1.5]
     assert params["merges"]["w-1"]["recipe"]["models"][0]["parameters"]["weight"] == 2.0
     assert "sweep" not in params["merges"]["ta-1"]["recipe"]
@@ -156,12 +157,83 @@ def test_evaluation_sweep_and_publish_errors_name_file_and_key(tmp_path, merges,
 def test_stage_code_deps_cover_every_project_module_the_stage_loads():
     """A stage's code deps come from its import statements; Python's own import of the stage
     must load no project module they miss (else editing it would not rerun the stage)."""
-    stages = ["compose", "demo", "fetch", "merge", "evaluate", "report", "sweep", "publish"]
+    entries = ["compose.stage", "demo.stage", "fetch.stage", "merge.stage", "evaluate.stage", "evaluate.report",
+               "evaluate.sweep", "publish.stage"]  # what dvc.yaml's commands run
     probe = ("import importlib, sys; importlib.import_module('stages.' + sys.argv[1]); "
              "print(' '.join(m for m in sys.modules if m.split('.')[0] in ('stages', 'mergekit_ops')))")
-    for stage in stages:
-        loaded = subprocess.run([sys.executable, "-c", probe, stage], cwd=ROOT, capture_output=True, text=True,
+    for entry in entries:
+        package = entry.split(".")[0]
+        loaded = subprocess.run([sys.executable, "-c", probe, entry], cwd=ROOT, capture_output=True, text=True,
                                 check=True).stdout.split()
-        needed = {"mergekit_ops" if m.startswith("mergekit_ops") else f"stages/{m.split('.')[1]}.py"
+        needed = {"mergekit_ops" if m.startswith("mergekit_ops") else f"stages/{m.split('.')[1]}"
                   for m in loaded if m != "stages"}
-        assert needed <= set(graph.code_deps(stage)), (stage, needed - set(graph.code_deps(stage)))
+        assert needed <= set(graph_module.code_deps(package)), (entry, needed - set(graph_module.code_deps(package)))
+
+
+def test_params_yaml_says_it_is_generated_and_holds_only_the_keys_that_apply(tmp_path):
+    """Local sources have no revision; only seeded methods keep a seed; a suite keeps its own
+    kind's options; empty gates go; recipes keep mergekit's key order whatever the file's order."""
+    dare = {"dtype": "float32", "base_model": "a", "models": [{"model": "b", "parameters": {"weight": 1.0, "density": 0.5}}],
+            "merge_method": "dare_linear", "seed": 3}
+    evals = {"ppl": {"kind": "perplexity", "tasks": {"t": "x.txt"}}, "qa": {"kind": "exact_match", "tasks": {"q": "q.jsonl"}}}
+    publish = {"out": {"model": "soup", "repo_id": "me/soup", "gates": {"min_score": {"*": 0.1}}}}
+    conf = _conf(tmp_path, MODELS, {"soup": {"dtype": "float32", **_soup("a", "b"), "seed": 5}, "dare": dare},
+                 evals=evals, publish=publish)
+    assert compose.main(["--root", str(tmp_path)]) == 1  # a new graph
+    text = (tmp_path / "params.yaml").read_text()
+    assert text.startswith("# Generated from conf/") and "edit conf/, not this file" in text.splitlines()[0]
+    params = yaml.safe_load(text)
+    assert params["models"]["a"] == {"source": "local", "path": "x/a"}
+    assert "seed" not in params["merges"]["soup"] and params["merges"]["dare"]["seed"] == 3
+    assert list(params["merges"]["dare"]["recipe"]) == ["merge_method", "models", "base_model", "dtype"]
+    assert list(params["merges"]["soup"]["recipe"]) == ["merge_method", "models", "dtype"]
+    assert params["evaluate"]["suites"]["ppl"] == {"kind": "perplexity", "tasks": {"t": "x.txt"}, "batch_size": 16,
+                                                   "max_length": 1024}
+    assert set(params["evaluate"]["suites"]["qa"]) == {"kind", "tasks", "batch_size", "max_new_tokens"}
+    assert params["publish"]["out"]["gates"] == {"min_score": {"*": 0.1}}
+    assert compose.main(["--check", "--root", str(tmp_path)]) == 0 and conf.is_dir()
+
+
+def test_a_project_running_installed_code_declares_its_digests_not_its_folders(tmp_path):
+    """Outside this repository (a `mergeforge new` project) dvc.yaml names no path outside the
+    project: each stage declares code.PACKAGE, a digest that changes with any file it runs."""
+    conf = _conf(tmp_path, MODELS, {"soup": _soup("a", "b")}, evals=QA)
+    cfg = compose.compose(conf)
+    graph = compose.check(cfg, conf)
+    params = compose.resolved_params(cfg, graph, tmp_path)
+    assert set(params["code"]) == {"merge", "evaluate"}  # no hub model, no publish target, the demo off
+    dvc = yaml.safe_load(compose.render_dvc_yaml(graph, params, cfg, conf, tmp_path))["stages"]
+    assert "code.merge" in dvc["merge-soup"]["params"] and "code.evaluate" in dvc["report-soup"]["params"]
+    assert not [d for stage in dvc.values() for d in stage.get("deps", []) if d.startswith(("stages", "mergekit_ops"))]
+    assert "code" not in compose.resolved_params(cfg, graph, ROOT)  # here the folders are declared
+    copy = tmp_path / "code"
+    for package in ("stages", "mergekit_ops"):
+        shutil.copytree(ROOT / package, copy / package, ignore=shutil.ignore_patterns("__pycache__"))
+    before = graph_module.code_digests(["merge", "evaluate", "demo"], copy)
+    with open(copy / "mergekit_ops" / "engine.py", "a") as f:
+        f.write("# an upgrade\n")
+    after = graph_module.code_digests(["merge", "evaluate", "demo"], copy)
+    assert after["merge"] != before["merge"] and after["evaluate"] == before["evaluate"]
+    assert after["demo"] == before["demo"] == graph_module.code_digests(["demo"])["demo"]
+
+
+def test_stages_use_only_the_engines_public_api_and_the_engine_never_imports_stages():
+    import ast
+
+    def imports(package: str):
+        for f in sorted((ROOT / package).rglob("*.py")):
+            for node in ast.walk(ast.parse(f.read_text())):
+                if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                    yield f, node.module
+                elif isinstance(node, ast.Import):
+                    yield from ((f, alias.name) for alias in node.names)
+
+    private = [(str(f), m) for f, m in imports("stages") if m.startswith("mergekit_ops.")]
+    assert private == [], private
+    assert [(str(f), m) for f, m in imports("mergekit_ops") if m.split(".")[0] == "stages"] == []
+    import mergekit_ops
+
+    used = {alias.name for f in (ROOT / "stages").rglob("*.py") for node in ast.walk(ast.parse(f.read_text()))
+            if isinstance(node, ast.ImportFrom) and node.module == "mergekit_ops" for alias in node.names}
+    assert used and used <= set(mergekit_ops.__all__)
+    assert all(getattr(mergekit_ops, name) is not None for name in mergekit_ops.__all__)

@@ -16,7 +16,7 @@ import pytest
 import yaml
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from stages import compose
+from stages.compose import stage as compose
 
 MODELS = {"a": {"source": "local", "path": "x/a"}, "b": {"source": "hub", "repo_id": "org/b"}}
 SOUP = {"merge_method": "linear", "models": [{"model": "a", "parameters": {"weight": 1.0}},
@@ -158,7 +158,7 @@ def test_plain_interpolations_still_resolve(tmp_path):
     (conf / "merges" / "soup.yaml").write_text(yaml.safe_dump({**soup, "seed": 3, "description": "seed ${.seed}"}))
     (conf / "eval" / "qa.yaml").write_text(yaml.safe_dump({**EVAL, "limit": "${merges.soup.seed}"}))
     cfg = compose.compose(conf)
-    params = compose.resolved_params(cfg, compose.check(cfg, conf), pin=False)
+    params = compose.resolved_params(cfg, compose.check(cfg, conf), tmp_path, pin=False)
     assert params["merges"]["soup"]["recipe"]["models"][1]["parameters"]["weight"] == 3
     assert params["evaluate"]["suites"]["qa"]["limit"] == 3
 

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-SHORT = ("import sys; from stages import demo; demo.BASE_STEPS, demo.EXPERT_STEPS, demo.EVAL_SIZE = 12, 6, 8; "
-         "demo.main(sys.argv[1])")
+SHORT = ("import sys; from stages.demo import stage as demo; demo.BASE_STEPS, demo.EXPERT_STEPS, demo.EVAL_SIZE = 12, 6, 8; "
+         "demo.build(sys.argv[1])")
 
 
 def _digests(root: Path) -> dict[str, str]:
@@ -36,7 +36,7 @@ def test_demo_training_is_byte_identical_across_runs(two_runs):
 def test_demo_tokenizer_round_trips_every_character(two_runs):
     from transformers import PreTrainedTokenizerFast
 
-    from stages.demo import CHARS, encode
+    from stages.demo.stage import CHARS, encode
 
     tok = PreTrainedTokenizerFast.from_pretrained(str(two_runs[0] / "base"))
     assert tok(CHARS, add_special_tokens=False)["input_ids"] == encode(CHARS)

@@ -7,8 +7,8 @@ import random
 import pytest
 import torch
 
-from stages.errors import EvalError
-from stages.evaluation import exact_match, load, perplexity, read_cases, run_suite
+from stages.common.errors import EvalError
+from stages.evaluate.suites import exact_match, load, perplexity, read_cases, run_suite
 from tiny import write_causal_lm
 
 

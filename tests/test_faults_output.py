@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -66,7 +67,7 @@ def test_out_dir_that_is_a_file_a_symlink_or_a_foreign_folder_is_refused(workspa
     (root / "notes.txt").write_text("mine")
     (root / "link").symlink_to(models["base"])
     (root / "photos").mkdir()
-    (root / "photos" / "cat.jpg").write_bytes(os.urandom(64))
+    (root / "photos" / "cat.jpg").write_bytes(random.randbytes(64))
     before = tree_digests(root)
     with pytest.raises(MergeError, match="exists and is not a directory"):
         merge(recipe, root / "notes.txt")
@@ -165,7 +166,7 @@ def test_leftovers_of_dead_processes_are_removed_and_reported(workspace, monkeyp
     dead, alive = _dead_pid(), os.getppid()
     for name in (f".out.tmp-{dead}", f".out.intermediates-{dead}", f".out.tmp-{alive}", f".other.tmp-{dead}"):
         (root / name).mkdir()
-        (root / name / "model.safetensors").write_bytes(os.urandom(100))
+        (root / name / "model.safetensors").write_bytes(random.randbytes(100))
     with caplog.at_level(logging.WARNING, logger="mergekit_ops"):
         merge(recipe, root / "out")
     left = sorted(p.name for p in root.iterdir() if p.name.startswith("."))
@@ -213,11 +214,11 @@ def test_kill_9_mid_merge_keeps_the_previous_output_and_the_next_run_cleans_up(t
 
 
 def test_a_stage_removes_the_temporary_folder_an_interrupted_run_left_and_says_so(tmp_path, capsys):
-    from stages.atomic import fresh_temp
+    from stages.common.atomic import fresh_temp
 
     out = tmp_path / "artifacts" / "models" / "m"
     assert fresh_temp(out) == out.with_name(".m.tmp") and capsys.readouterr().err == ""
     out.with_name(".m.tmp").mkdir(parents=True)
-    (out.with_name(".m.tmp") / "model.safetensors").write_bytes(os.urandom(64))
+    (out.with_name(".m.tmp") / "model.safetensors").write_bytes(random.randbytes(64))
     assert not fresh_temp(out).exists()
     assert capsys.readouterr().err == f"removed {out.with_name('.m.tmp')}, left by an interrupted run\n"

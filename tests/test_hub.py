@@ -5,7 +5,8 @@ import json
 import pytest
 
 from pipeline import hub_cache
-from stages import hub, preflight
+from stages.common import hub
+from stages.fetch import preflight
 from tiny import llama_state, write_model
 
 
@@ -38,7 +39,7 @@ def test_pickle_only_repo_message(tmp_path):
 
 @pytest.mark.parametrize("target", ["../other/model.safetensors", "/etc/model.safetensors", "sub/model.safetensors", ".."])
 def test_fetch_refuses_an_index_naming_files_outside_the_repo_before_downloading_weights(tmp_path, monkeypatch, target):
-    from stages import fetch
+    from stages.fetch import stage as fetch
 
     snapshot = tmp_path / "snapshot"
     snapshot.mkdir()
@@ -51,7 +52,7 @@ def test_fetch_refuses_an_index_naming_files_outside_the_repo_before_downloading
     monkeypatch.setattr(fetch, "check_model", lambda *args: None)
     monkeypatch.setattr(fetch, "hub_meta", lambda *args: None)
     params = {"artifacts": str(tmp_path / "artifacts"),
-              "models": {"m": {"repo_id": "org/m", "sha": "a" * 40, "revision": "main"}}}
+              "models": {"m": {"source": "hub", "repo_id": "org/m", "sha": "a" * 40, "revision": "main"}}}
     with pytest.raises(hub.FetchError, match=f"weight_map names '{target}'.*before downloading"):
         fetch.fetch("m", params)
     assert downloads == []

@@ -10,10 +10,11 @@ import pytest
 import torch
 
 from mergekit_ops.errors import MergeError
-from stages import digest, lineage, tracking
-from stages.digest import directory_digest
-from stages.errors import LineageError
-from stages.merge import build
+from stages.common import digest, tracking
+from stages.lineage import stage as lineage
+from stages.common.digest import directory_digest
+from stages.common.errors import LineageError
+from stages.merge.stage import build
 
 SHA = "0123456789abcdef0123456789abcdef01234567"
 

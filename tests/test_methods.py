@@ -363,3 +363,17 @@ def test_slices_of_several_chunks_draw_and_select_as_one_chunk_slices_do(method,
         torch.testing.assert_close(several, one, atol=1e-6, rtol=1e-5)
     else:
         assert torch.equal(several, one)
+
+
+def test_seeded_marks_exactly_the_methods_whose_output_depends_on_the_seed(seed):
+    """compose keeps a recipe's seed in params.yaml only for seeded methods: a method that draws
+    and is not marked would be cached across seed changes."""
+    for name, m in sorted(METHODS.items()):
+        count = min(2, m.max_models or 2)
+        tensors = [torch.randn(SHAPE) for _ in range(count)]
+        params = {p.name: 0.5 for p in m.params if p.default is REQUIRED}
+        model_params = [{p.name: 0.5 for p in m.model_params if p.default is REQUIRED or p.name == "density"}
+                        for _ in tensors]
+        job = _job(name, tensors, None if m.base == "input" else torch.randn(SHAPE), model_params, **params)
+        one, two = (m.merge(replace(job, seed=s)) for s in (seed, seed + 1))
+        assert (not torch.equal(one, two)) == m.seeded, name

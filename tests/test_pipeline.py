@@ -1,7 +1,7 @@
 """End to end, in a temporary git + DVC project: `dvc repro` builds what conf/ asks, reruns exactly
 what an edit affects, fetches hub models from an offline cache, and notices a moved branch."""
 import json
-import os
+import random
 import shutil
 from pathlib import Path
 
@@ -11,7 +11,7 @@ import yaml
 from safetensors.torch import load_file
 
 from pipeline import hub_cache, new_project, read_conf, repro, run, write_conf
-from tiny import finetune, llama_state, load_dir, write_model
+from tiny import finetune, fresh_seed, llama_state, load_dir, write_model
 
 pytestmark = pytest.mark.slow  # end-to-end: DVC projects built and run (`pytest -m 'not slow'` skips them)
 
@@ -34,7 +34,7 @@ def _recipes():
 def built(tmp_path_factory, mlflow_template):
     """A project with a base, two fine-tunes and three recipes (one a merge of merges), built once."""
     root = tmp_path_factory.mktemp("pipeline")
-    seed = int.from_bytes(os.urandom(4), "little")
+    seed = fresh_seed()
     print(f"random seed: {seed}")
     base = llama_state(seed=seed)
     models = {"base": write_model(root / "src" / "base", base)}
@@ -131,7 +131,7 @@ def test_hub_model_from_offline_cache_moved_branch_and_no_token_written(tmp_path
            "v1": write_model(tmp_path / "src" / "v1", finetune(base, seed + 1)),
            "v2": write_model(tmp_path / "src" / "v2", finetune(base, seed + 2))}
     hub_cache(cache, "org/tuned", src["v1"])
-    token = "hf_" + os.urandom(12).hex()  # planted: must not reach any file the pipeline writes
+    token = "hf_" + random.randbytes(12).hex()  # planted: must not reach any file the pipeline writes
     env = {"HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(cache), "HF_TOKEN": token}
     project = new_project(tmp_path / "project", {"base": src["base"], "tuned": {"source": "hub", "repo_id": "org/tuned"}},
                           {"ta": {"merge_method": "task_arithmetic", "base_model": "base",

@@ -2,14 +2,13 @@
 merge against its parents, publishes a target (dry run), and MLflow holds the lineage; a suite
 edit reruns the evaluations and no merge (reports and publication only if a metric changed)."""
 import json
-import os
 import random
 import sys
 
 import pytest
 
 from pipeline import new_project, repro, run, write_conf
-from tiny import write_causal_lm
+from tiny import fresh_seed, write_causal_lm
 
 pytestmark = pytest.mark.slow  # end-to-end: DVC projects built and run (`pytest -m 'not slow'` skips them)
 
@@ -17,8 +16,7 @@ pytestmark = pytest.mark.slow  # end-to-end: DVC projects built and run (`pytest
 @pytest.fixture(scope="module")
 def built(tmp_path_factory, mlflow_template):
     root = tmp_path_factory.mktemp("pipeline-eval")
-    seed = int.from_bytes(os.urandom(4), "little")
-    print(f"random seed: {seed}")
+    seed = fresh_seed()
     rng = random.Random(seed)
     models = {n: write_causal_lm(root / "src" / n, seed + i) for i, n in enumerate(("a", "b"))}
     words = lambda n: " ".join(f"w{rng.randrange(21)}" for _ in range(n))  # noqa: E731

@@ -13,13 +13,13 @@ import pytest
 from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi, ModelCard
 from huggingface_hub.hf_api import RepoFile
 
-from stages import tracking
-from stages.errors import PublishError
-from stages.evaluate import evaluate
-from stages.digest import file_sha256
-from stages.merge import build
-from stages.publish import gate_failures, publish
-from stages.report import write
+from stages.common import tracking
+from stages.common.errors import PublishError
+from stages.evaluate.stage import evaluate
+from stages.common.digest import file_sha256
+from stages.merge.stage import build
+from stages.publish.stage import gate_failures, publish
+from stages.evaluate.report import write
 from tiny import write_causal_lm
 
 TOKEN = "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0123"

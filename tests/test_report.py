@@ -5,8 +5,8 @@ import random
 
 import pytest
 
-from stages.built import base_of
-from stages.report import compare, write
+from stages.common.layout import base_of
+from stages.evaluate.report import compare, write
 
 
 def _params(tmp_path, merges, baseline=None):
@@ -60,7 +60,7 @@ def test_report_files_table_metrics_and_plot_rows(tmp_path, seed):
 
 
 def test_missing_metrics_name_the_stage(tmp_path):
-    from stages.errors import EvalError
+    from stages.common.errors import EvalError
 
     params = _params(tmp_path, {"m": _merge(["a", "b"])})
     with pytest.raises(EvalError, match="eval/m.json.*eval-m writes them"):
@@ -78,7 +78,7 @@ def test_base_of_recipe_then_shared_parent_base_then_baseline(tmp_path):
 
 
 def test_sweep_curve_has_one_row_per_value_with_every_task(tmp_path, seed):
-    from stages.sweep import curve
+    from stages.evaluate.sweep import curve
 
     rng = random.Random(seed)
     values = sorted(rng.random() for _ in range(3))
@@ -94,7 +94,7 @@ def test_sweep_curve_has_one_row_per_value_with_every_task(tmp_path, seed):
 
 
 def test_leaderboard_lists_every_evaluated_model_with_suite_means(tmp_path, seed):
-    from stages.report import leaderboard
+    from stages.evaluate.report import leaderboard
 
     params = _params(tmp_path, {"m": _merge(["a", "b"])})
     s = _write_metrics(tmp_path, random.Random(seed), ["a", "m"])  # b and c are not evaluated yet

@@ -9,8 +9,8 @@ import time
 
 import pytest
 
-from stages import tracking
-from stages.errors import LineageError
+from stages.common import tracking
+from stages.common.errors import LineageError
 
 
 @pytest.fixture

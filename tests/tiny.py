@@ -2,11 +2,19 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import json
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
+
+
+def fresh_seed() -> int:
+    """MERGEFORGE_TEST_SEED when set (to replay a failing draw), else a fresh one; printed either way."""
+    value = int(os.environ.get("MERGEFORGE_TEST_SEED") or int.from_bytes(os.urandom(4), "little"))
+    print(f"random seed: {value}")
+    return value
 
 
 def llama_state(layers: int = 3, hidden: int = 8, inter: int = 12, vocab: int = 20, seed: int = 0,

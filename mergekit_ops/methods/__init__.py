@@ -34,7 +34,7 @@ def _check_epsilon(params: dict, model_params: list[dict]) -> str | None:
     return None
 
 
-def _family(name: str, normalize: bool, rescale: str, extra=(), scoped=False, doc="") -> Method:
+def _family(name: str, normalize: bool, rescale: str, extra=(), scoped=False, seeded=False, doc="") -> Method:
     params = (Param("lambda", 1.0, float), Param("int8_mask", False, bool), Param("normalize", normalize, bool),
               replace(RESCALE, default=rescale))
     if scoped:
@@ -44,7 +44,7 @@ def _family(name: str, normalize: bool, rescale: str, extra=(), scoped=False, do
         params=params, model_params=(WEIGHT, DENSITY) + extra,
         base="required", min_models=1, doc=doc,
         check=_check_epsilon if EPSILON in extra else None,
-        preparation="model_trim:plan_model_trim" if scoped else None,
+        preparation="model_trim:plan_model_trim" if scoped else None, seeded=seeded,
     )
 
 
@@ -88,16 +88,16 @@ _ALL = [
     _family("task_arithmetic", False, "none", doc="base + lambda * sum(w_i * (x_i - base))."),
     _family("ties", True, "none", scoped=True,
             doc="TIES: trim to the top `density` magnitudes, elect signs, disjoint mean."),
-    _family("dare_linear", False, "l1",
+    _family("dare_linear", False, "l1", seeded=True,
             doc="DARE: random drop with keep probability `density`, rescale, weighted sum."),
-    _family("dare_ties", False, "l1", doc="DARE drop + TIES sign election."),
+    _family("dare_ties", False, "l1", seeded=True, doc="DARE drop + TIES sign election."),
     _family("breadcrumbs", False, "none", (GAMMA,),
             doc="Model Breadcrumbs: drop the largest `gamma` and smallest entries, keep `density`."),
     _family("breadcrumbs_ties", False, "none", (GAMMA,),
             doc="Breadcrumbs + TIES sign election."),
-    _family("della", True, "l1", (EPSILON,),
+    _family("della", True, "l1", (EPSILON,), seeded=True,
             doc="DELLA: magnitude-ranked keep probabilities in [density-epsilon, density+epsilon], sign election."),
-    _family("della_linear", False, "l1", (EPSILON,),
+    _family("della_linear", False, "l1", (EPSILON,), seeded=True,
             doc="DELLA drop without sign election."),
 ]
 METHODS: dict[str, Method] = {m.name: m for m in _ALL}

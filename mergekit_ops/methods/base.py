@@ -74,6 +74,7 @@ class Method:
     # "module:name" of a function gathering whole-model statistics before merging:
     # (tasks, load, recipe source) -> {tensor: extra}
     preparation: str | None = None
+    seeded: bool = False  # draws random numbers: the seed is part of what it builds
 
     @property
     def merge(self) -> Callable:

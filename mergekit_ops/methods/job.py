@@ -134,7 +134,7 @@ class TensorJob:
         slice order; the delta is in the compute dtype, in a scratch buffer free to modify. Per
         slice the base is converted once and each input's delta in turn into one buffer: with a
         buffer per input, as in map_chunks, a slice's buffers fell out of cache and DARE's norm
-        pass took 9-15% longer."""
+        pass was slower (measured: docs/benchmarks.md)."""
         xs, base = [self.tensors[i].reshape(-1) for i in inputs], self.base.reshape(-1)
 
         def run(sl: slice) -> list:
@@ -157,7 +157,7 @@ class TensorJob:
     def store(self, out: torch.Tensor, sl: slice, value: torch.Tensor) -> None:
         """out[sl] = value (out from empty_output), then, on the CPU, a NaN/Inf check of that
         slice while it is in cache: a pass over the whole output afterwards read it back from
-        memory, a tenth of a linear merge's time."""
+        memory, a sizeable share of a linear merge's time (measured: docs/benchmarks.md)."""
         out[sl] = value
         if out.device.type == "cpu":
             self._stored.append((sl.stop - sl.start, part_is_finite(out[sl])))
@@ -200,8 +200,8 @@ class TensorJob:
     def random_words(self, index: int, chunk: int, n: int) -> torch.Tensor:
         """n uniform 64-bit words (as int64, on the CPU) of the (seed, tensor, input, chunk)
         stream: numpy's SFC64 seeded through SeedSequence, a stream numpy keeps stable across
-        versions and platforms. It is 3x faster than torch's mt19937 here, and draws without
-        holding the GIL.
+        versions and platforms. It is faster than torch's mt19937 here (measured:
+        docs/benchmarks.md), and draws without holding the GIL.
         (Full-range `integers` is the raw stream; a test holds it to `random_raw`.)"""
         rng = np.random.Generator(np.random.SFC64(self.stream_seed(index, chunk)))
         words = rng.integers(0, 2**64 - 1, size=n, dtype=np.uint64, endpoint=True)

@@ -24,8 +24,8 @@ def masked(delta: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 def mask_factor(delta: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """A mask (bool or 0/1 uint8) as 0/1 in delta's dtype and shape. A bool operand takes torch's
-    slow mixed-dtype path (~8x slower), so it is converted from uint8 first, into a reused buffer
-    (a fresh one page-faults; delta is at most a slice long)."""
+    slow mixed-dtype path (measured: docs/benchmarks.md), so it is converted from uint8 first, into
+    a reused buffer (a fresh one page-faults; delta is at most a slice long)."""
     factor = scratch(1, delta.dtype, delta.device, "mask")[0][:delta.numel()].view(delta.shape)
     return factor.copy_(mask.view(torch.uint8))
 

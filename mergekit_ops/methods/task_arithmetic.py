@@ -93,7 +93,8 @@ ONE_BITS = {dtype: int(torch.tensor(1.0, dtype=dtype).view(INT_VIEWS[dtype.items
 
 def unit_signs(x: torch.Tensor) -> torch.Tensor:
     """copysign(1, x) in place, by bits: x's sign bit over the bits of 1.0 (copysign with a
-    tensor of ones took three times as long, and copied the ones to the device per slice)."""
+    tensor of ones was slower, measured in docs/benchmarks.md, and copied the ones to the device per
+    slice)."""
     ints = x.view(INT_VIEWS[x.element_size()])
     ints.bitwise_and_(-1 << (8 * x.element_size() - 1)).bitwise_or_(ONE_BITS[x.dtype])
     return x
@@ -101,7 +102,8 @@ def unit_signs(x: torch.Tensor) -> torch.Tensor:
 
 def ones_where_zero(x: torch.Tensor, spare: torch.Tensor) -> torch.Tensor:
     """x (a chunk) with its zeros, of either sign, replaced by 1, in place: its bits without the
-    sign bit are below 1 exactly at +-0 (a float comparison and masked_fill cost five times more).
+    sign bit are below 1 exactly at +-0 (a float comparison and masked_fill cost more, measured in
+    docs/benchmarks.md).
     spare: a buffer like x whose contents may be overwritten."""
     ints = x.view(INT_VIEWS[x.element_size()])
     magnitude = torch.bitwise_and(ints, (1 << (8 * x.element_size() - 1)) - 1, out=spare.view(ints.dtype))

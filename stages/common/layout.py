@@ -1,0 +1,84 @@
+"""Where every artifact of a project lies, and what params.yaml says a merge is made from.
+
+Every stage, and compose when it writes dvc.yaml, asks this module: no other code spells an
+artifact path, so the graph DVC checks and the files the stages write cannot drift apart.
+
+    artifacts/models/NAME            a hub model, fetched (a local model is read where it lies)
+    artifacts/merges/NAME            a merge
+    artifacts/eval/NAME.json         a model's or merge's metrics
+    artifacts/reports/NAME/          a merge's report (report.md, retention.json, scores.json)
+                                     or a sweep's curve (sweep.md, sweep.json)
+    artifacts/publish/TARGET/        a publish target's staged repo and receipt
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+REPORT_FILES = ("report.md", "retention.json", "scores.json")
+SWEEP_FILES = ("sweep.md", "sweep.json")
+
+
+def _root(params: dict) -> Path:
+    return Path(params["artifacts"])
+
+
+def model_dir(name: str, params: dict) -> Path:
+    """A local source in place, a hub model from its fetch stage, a merge from its merge stage."""
+    model = params["models"].get(name)
+    if model is None:
+        return merge_dir(name, params)
+    return Path(model["path"]) if model["source"] == "local" else _root(params) / "models" / name
+
+
+def merge_dir(name: str, params: dict) -> Path:
+    return _root(params) / "merges" / name
+
+
+def metrics_file(name: str, params: dict) -> Path:
+    return _root(params) / "eval" / f"{name}.json"
+
+
+def report_dir(name: str, params: dict) -> Path:
+    """A merge's report, or a sweep's curve (recipe and sweep names share conf/merges, so never clash)."""
+    return _root(params) / "reports" / name
+
+
+def publish_dir(target: str, params: dict) -> Path:
+    return _root(params) / "publish" / target
+
+
+def parents(name: str, params: dict) -> list[str]:
+    """A merge's inputs, sorted by name ([] for a source model)."""
+    return list(params["merges"][name]["inputs"]) if name in params["merges"] else []
+
+
+def ancestors(name: str, params: dict) -> list[str]:
+    """Every model and merge a model is made from, at any depth, each once, nearest first."""
+    found: list[str] = []
+    todo = parents(name, params)
+    while todo:
+        ref = todo.pop(0)
+        if ref not in found:
+            found.append(ref)
+            todo += parents(ref, params)
+    return found
+
+
+def roles(name: str, params: dict) -> list[tuple[str, str]]:
+    """What a merge's report and card compare: ("merge", name), ("parent", p) for each input that
+    is not its base, then ("base", its base) when it has one."""
+    base = base_of(name, params)
+    return ([("merge", name)] + [("parent", p) for p in parents(name, params) if p != base]
+            + ([("base", base)] if base else []))
+
+
+def base_of(name: str, params: dict) -> str | None:
+    """The model a merge is compared with: its recipe's base_model, else the one base its merge
+    parents share, else the project's `evaluate.baseline`."""
+    recipe = params["merges"][name]["recipe"]
+    if recipe.get("base_model"):
+        return recipe["base_model"]
+    bases = {base_of(p, params) for p in parents(name, params) if p in params["merges"]}
+    if len(bases) == 1 and None not in bases:
+        return bases.pop()
+    return params.get("evaluate", {}).get("baseline")

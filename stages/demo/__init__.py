@@ -1,0 +1,1 @@
+"""The offline demo: tiny Llama models trained on toy skills, and their evaluation data."""

@@ -1,0 +1,1 @@
+"""Lineage: how an artifact was made, read back from MLflow."""

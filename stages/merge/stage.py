@@ -1,0 +1,51 @@
+"""merge stage: build one recipe of conf/merges with mergekit_ops into artifacts/merges/NAME and
+record it in MLflow (its parents as model inputs).
+
+The recipe names its inputs (models of conf/models, other recipes); params.yaml maps each name
+to the artifact directory DVC tracks for it.
+
+    python -m stages.merge NAME
+"""
+from __future__ import annotations
+
+import shutil
+import sys
+from pathlib import Path
+
+from mergekit_ops import MergeError, MergeOptions, ProgressBar, merge, parse_recipe
+
+from ..common import tracking
+from ..common.digest import remember
+from ..common.errors import LineageError
+from ..common.layout import merge_dir
+from ..common.stage_cli import in_section, run_stage
+
+
+def build(name: str, params: dict, progress: bool = False) -> Path:
+    """Merge, then record the merge in MLflow; a merge that cannot be recorded is removed (MLflow is
+    opened first, so an unreachable store fails before any work)."""
+    spec = params["merges"][name]
+    recipe = parse_recipe(spec["recipe"], f"conf/merges/{name}.yaml")
+    recipe.rename_models(spec["inputs"])
+    out = merge_dir(name, params)
+    tracking.connect()
+    bar = ProgressBar() if progress else None
+    sums: dict[str, str] = {}  # the weights' sha256, taken as they are written: the digest need not read them
+    try:
+        merge(recipe, out, MergeOptions(seed=spec.get("seed", 0), device=spec["device"], progress=bar, sha256=sums))
+    finally:
+        if bar:
+            bar.close()
+    try:
+        remember(out, sums)
+        tracking.ensure(name, params)
+    except BaseException:
+        shutil.rmtree(out, ignore_errors=True)
+        raise
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_stage(argv, "stages.merge", "recipe", in_section("merges"),
+                     lambda name, params: f"merged {name} into {build(name, params, sys.stderr.isatty())}",
+                     (MergeError, LineageError))

@@ -1,0 +1,145 @@
+"""Every stage reads only what its dvc.yaml entry declares (files, folders, params.yaml), so a
+change to anything it reads reruns it; and the two stale cases this once missed: a source model's
+license and a compared model's score reach the published card."""
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipeline import hub_cache, new_project, repro, run
+from stages.common.layout import model_dir
+from tiny import fresh_seed, write_causal_lm
+
+pytestmark = pytest.mark.slow  # end-to-end: a DVC project built, and each kind of stage run again
+
+AUDIT = Path(__file__).with_name("read_audit.py")
+# Read by every stage on purpose and never a DVC dependency: the MLflow store (records, not
+# build inputs), the digest cache (a memo of file sums) and git metadata (the commit a record names).
+SIDE_STORES = ("mlflow.db", "mlruns", "mlartifacts", ".mergeforge", ".git")
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory, mlflow_template):
+    root = tmp_path_factory.mktemp("stage-reads")
+    seed = fresh_seed()
+    env = {"HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(root / "hf")}
+    hub_cache(root / "hf", "org/h", write_causal_lm(root / "hub-src", seed + 2))
+    project = root / "project"
+    local = {n: {"source": "local", "path": str(project / "models" / n), "license": "mit"} for n in ("a", "b", "c")}
+    text = "".join(" ".join(f"w{(i * 7 + j) % 21}" for j in range(6)) + "\n" for i in range(4))
+    conf = {"eval/lm": {"kind": "perplexity", "tasks": {"text": "data/text.txt"}},
+            "publish/pub": {"model": "mix", "repo_id": "me/mix", "gates": {}}}
+    linear = lambda *names: {"merge_method": "linear",  # noqa: E731
+                             "models": [{"model": n, "parameters": {"weight": 1.0}} for n in names]}
+    merges = {"soup": linear("a", "b"), "mix": linear("soup", "h"),
+              "sw": linear("a", "h") | {"sweep": {"key": "models.0.parameters.weight", "values": [0.5, 1.0]}}}
+    new_project(project, local | {"h": {"source": "hub", "repo_id": "org/h", "license": "mit"}}, merges, env,
+                conf=conf, files={"data/text.txt": text}, mlflow_db=mlflow_template)
+    for i, name in enumerate(local):
+        write_causal_lm(project / "models" / name, seed + i)
+    config = project / "conf" / "config.yaml"
+    config.write_text(config.read_text() + "evaluate:\n  baseline: c\n")
+    repro(project, env, check=False)  # the new graph: compose rewrites dvc.yaml and stops
+    run(["git", "add", "-A"], project)
+    run(["git", "commit", "-qm", "models"], project)
+    repro(project, env)
+    return project, env, seed
+
+
+def _declared(project: Path, stage: dict) -> list[Path]:
+    paths = [project / "params.yaml"] + [project / s for s in SIDE_STORES]
+    for key in ("deps", "outs", "metrics", "plots"):
+        for entry in stage.get(key, []):
+            paths.append(project / (next(iter(entry)) if isinstance(entry, dict) else entry))
+    return paths
+
+
+def _undeclared_reads(project: Path, name: str, stage: dict, env: dict, tmp: Path) -> list[str]:
+    """Run the stage's command with audit hooks, on a fresh MLflow store and digest cache (so it
+    records, and digests, everything it would for a new teammate)."""
+    argv = stage["cmd"].split()
+    assert argv[:2] == ["python", "-m"], stage["cmd"]
+    log = tmp / f"{name}.log"
+    shutil.rmtree(project / ".mergeforge", ignore_errors=True)
+    proc = run([sys.executable, str(AUDIT), str(log), *argv[2:]], project,
+               env | {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp / 'fresh' / name}.db",
+                      "MERGEFORGE_AUDIT_SHORT_DEMO": "1"}, check=False)
+    assert proc.returncode == 0, (name, proc.stderr)
+    declared = [str(p) for p in _declared(project, stage)]
+    if name == "compose":  # always run: dvc.yaml is its output in all but name (DVC refuses it as an out), and
+        declared += [str(project / p) for p in ("dvc.yaml", "stages")]  # it reads every stage's imports
+    if name.startswith("fetch-"):  # its check of the models merged with it (headers) can fail it, never change it
+        params = yaml.safe_load((project / "params.yaml").read_text())
+        declared += [str(project / model_dir(m, params)) for m in params["models"]]
+    outs = [str(project / (next(iter(e)) if isinstance(e, dict) else e)) for e in stage.get("outs", [])]
+    missed = []
+    for kind, path in (line.split(" ", 1) for line in log.read_text().splitlines()):
+        if (not Path(path).is_relative_to(project) or path == str(project)  # the working directory (Hydra, MLflow)
+                or not os.path.lexists(path)  # a probe of a path that is not there (git, import hooks) reads nothing
+                or any(path == d or path.startswith(d + os.sep) for d in declared)
+                or kind == "list" and any(path == os.path.dirname(o) for o in outs)):  # its own leftovers by an out
+            continue
+        missed.append(path)
+    return sorted(set(missed))
+
+
+def test_every_kind_of_stage_reads_only_what_its_dvc_yaml_entry_declares(built, tmp_path, mlflow_template):
+    project, env, _ = built
+    stages = yaml.safe_load((project / "dvc.yaml").read_text())["stages"]
+    kinds = ["compose", "fetch-h", "merge-soup", "merge-mix", "eval-mix", "eval-h", "report-mix", "sweep-sw",
+             "publish-pub"]
+    assert set(kinds) <= set(stages), sorted(stages)
+    (tmp_path / "fresh").mkdir()
+    for name in kinds:
+        shutil.copyfile(mlflow_template, tmp_path / "fresh" / f"{name}.db")
+        missed = _undeclared_reads(project, name, stages[name], env, tmp_path)
+        assert missed == [], (name, missed)
+    demo = {"cmd": f"python -m stages.demo {project / 'artifacts' / 'demo'}", "deps": ["stages/common", "stages/demo"],
+            "outs": ["artifacts/demo"]}  # not in this project's graph: run as the demo's entry has it
+    shutil.copyfile(mlflow_template, tmp_path / "fresh" / "demo.db")
+    assert _undeclared_reads(project, "demo", demo, env, tmp_path) == []
+
+
+def test_the_audit_sees_an_undeclared_read(built, tmp_path, mlflow_template):
+    """The check above can fail: the report of mix, its deps cut to its own metrics, is caught
+    reading its parents' and its base's."""
+    project, env, _ = built
+    stage = yaml.safe_load((project / "dvc.yaml").read_text())["stages"]["report-mix"]
+    stage = stage | {"deps": [d for d in stage["deps"] if not d.startswith("artifacts/eval/") or d.endswith("/mix.json")]}
+    (tmp_path / "fresh").mkdir()
+    shutil.copyfile(mlflow_template, tmp_path / "fresh" / "report-mix.db")
+    missed = _undeclared_reads(project, "report-mix", stage, env, tmp_path)
+    assert missed == sorted(str(project / f"artifacts/eval/{m}.json") for m in ("c", "h", "soup"))
+
+
+def _card(project: Path) -> str:
+    return (project / "artifacts/publish/pub/repo/README.md").read_text()
+
+
+def test_a_license_change_reruns_publish_alone_and_reaches_the_card(built):
+    project, env, _ = built
+    assert "license: mit" in _card(project)
+    for name in ("a", "b", "c", "h"):
+        path = project / "conf" / "models" / f"{name}.yaml"
+        path.write_text(path.read_text().replace("license: mit", "license: apache-2.0"))
+    ran, _ = repro(project, env)
+    assert ran == {"compose", "publish-pub"}
+    assert "license: apache-2.0" in _card(project)
+
+
+def test_a_new_score_of_the_base_reruns_publish_and_reaches_the_card(built):
+    """c is only the baseline of mix (not merged into it): new weights change c's perplexity and no
+    merge; the card, which shows c's score, follows."""
+    project, env, seed = built
+    score = lambda: json.loads((project / "artifacts/eval/c.json").read_text())["lm"]["perplexity"]["text"]  # noqa: E731
+    before = score()
+    assert f"| {before:.4g} |" in _card(project).split("## Evaluation")[1]
+    shutil.rmtree(project / "models" / "c")
+    write_causal_lm(project / "models" / "c", seed + 100)
+    ran, _ = repro(project, env)
+    assert ran == {"compose", "eval-c", "report-soup", "report-mix", "report-sw-1", "report-sw-2", "publish-pub"}
+    assert score() != before and f"| {score():.4g} |" in _card(project).split("## Evaluation")[1]
