@@ -51,8 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "Multi-document recipes build every named document first; the last (or unnamed) one "
                     "is written to OUT_DIR.")
     p.add_argument("--list-methods", action=ListMethods, help="list the merge methods and their parameters")
-    p.add_argument("recipe", metavar="RECIPE.yml")
-    p.add_argument("out_dir", metavar="OUT_DIR")
+    p.add_argument("recipe", metavar="RECIPE.yml", help="a mergekit YAML recipe (one document, or several)")
+    p.add_argument("out_dir", metavar="OUT_DIR",
+                   help="where the merged model goes: a new or empty folder, or an earlier output of this tool")
     p.add_argument("--device", default="cpu", help="where the math runs: cpu (default), cuda or cuda:N")
     p.add_argument("--cuda", action="store_const", const="cuda", dest="device", help="same as --device cuda")
     p.add_argument("--seed", "--random-seed", type=int, default=0,

@@ -29,6 +29,8 @@ def test_every_help_says_what_each_argument_is_and_exits_0():
         assert proc.stdout.startswith("usage: mergeforge"), args
     assert "NAME" in run(MERGEFORGE + ["lineage", "--help"], ROOT).stdout.split("positional arguments:")[1]
     assert "DIR" in run(MERGEFORGE + ["new", "--help"], ROOT).stdout.split("positional arguments:")[1]
+    engine = run([sys.executable, "-m", "mergekit_ops", "--help"], ROOT).stdout.split("positional arguments:")[1]
+    assert all(f"{arg}  " in engine for arg in ("RECIPE.yml", "OUT_DIR"))  # each with its help text
     for module in ("stages.lineage", "stages.merge", "stages.evaluate", "stages.compose", "mergekit_ops"):
         assert "usage:" in run([sys.executable, "-m", module, "--help"], ROOT).stdout, module
 
