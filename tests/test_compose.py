@@ -206,6 +206,9 @@ def test_a_project_running_installed_code_declares_its_digests_not_its_folders(t
     assert "code.merge" in dvc["merge-soup"]["params"] and "code.evaluate" in dvc["report-soup"]["params"]
     assert not [d for stage in dvc.values() for d in stage.get("deps", []) if d.startswith(("stages", "mergekit_ops"))]
     assert "code" not in compose.resolved_params(cfg, graph, ROOT)  # here the folders are declared
+    empty = _conf(tmp_path / "empty")  # nothing to build yet: no stage, no digest
+    cfg = compose.compose(empty)
+    assert "code" not in compose.resolved_params(cfg, compose.check(cfg, empty), tmp_path / "empty")
     copy = tmp_path / "code"
     for package in ("stages", "mergekit_ops"):
         shutil.copytree(ROOT / package, copy / package, ignore=shutil.ignore_patterns("__pycache__"))

@@ -124,11 +124,10 @@ def render_dvc_yaml(graph: Graph, params: dict, cfg: DictConfig, conf_dir: Path,
     it. Merge, evaluation and publish stages also declare every ancestor's folder: on a fresh MLflow
     store they record the whole lineage, digests included (such a folder changes only when the
     direct inputs change too, so this adds no rerun)."""
-    if "code" in params:  # the code is installed elsewhere: its digests stand for it
-        code = lambda package: []  # noqa: E731
-        code_key = lambda package: [f"code.{package}"]  # noqa: E731
-    else:
+    if code_is_inside(root):
         code, code_key = code_deps, lambda package: []  # noqa: E731
+    else:  # the code is installed elsewhere: its digests in params.yaml stand for it
+        code, code_key = (lambda package: []), (lambda package: [f"code.{package}"])  # noqa: E731
     folder = lambda name: _dep_path(str(model_dir(name, params)), root)  # noqa: E731
     metrics = lambda name: str(metrics_file(name, params))  # noqa: E731
     stages: dict[str, dict] = {"compose": {

@@ -188,7 +188,8 @@ def resolved_params(cfg: DictConfig, graph: Graph, root: Path, pin: bool = True)
     if not code_is_inside(root):
         used = {"demo": cfg.demo.enabled, "fetch": any(m["source"] == "hub" for m in models.values()),
                 "merge": bool(merges), "evaluate": bool(suites and (models or merges)), "publish": bool(publish)}
-        params["code"] = code_digests([package for package, needed in used.items() if needed])
+        if any(used.values()):
+            params["code"] = code_digests([package for package, needed in used.items() if needed])
     return params
 
 
