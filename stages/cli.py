@@ -47,9 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "check":
         return _check(args.root, args.overrides)
     if args.command == "compose":
-        from .compose.stage import main as compose
-
-        return compose(args.overrides + ["--root", str(args.root)])
+        return _compose(args.root, args.overrides)
     if args.command == "report":
         from .evaluate.report import main as report
 
@@ -59,13 +57,28 @@ def main(argv: list[str] | None = None) -> int:
     return lineage([args.name])
 
 
+def _compose(root: Path, overrides: list[str]) -> int:
+    from mergekit_ops import RecipeError
+
+    from .common.errors import ConfigError, FetchError
+    from .compose.stage import plan, report_error, write
+
+    try:
+        change = write(root, *plan(root, overrides))
+    except (ConfigError, RecipeError, FetchError, OSError) as exc:  # an OSError names its file
+        return report_error(str(exc))
+    print(f"dvc.yaml rewritten ({change}): `dvc repro` builds it" if change else "dvc.yaml already matches conf/",
+          file=sys.stderr)
+    return 0
+
+
 def _new(target: Path) -> int:
     from .common.errors import ConfigError
     from .new_project import create
 
     try:
         create(target)
-    except ConfigError as exc:
+    except (ConfigError, OSError) as exc:  # an OSError names its file
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(f"created {target}: copy files of {target / 'conf' / 'examples'} into conf/models and conf/merges, "

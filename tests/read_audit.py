@@ -29,12 +29,12 @@ def main() -> int:
             read.append(f"{kind} {os.path.abspath(os.fsdecode(path))}")
 
     sys.path[0] = os.getcwd()  # as `python -m` has it: the project's own code first, not this folder
+    sys.addaudithook(hook)
     if os.environ.get("MERGEFORGE_AUDIT_SHORT_DEMO"):
         from stages.demo import stage as demo
 
         demo.BASE_STEPS, demo.EXPERT_STEPS, demo.EVAL_SIZE = 12, 6, 8
     sys.argv = [module, *args]
-    sys.addaudithook(hook)
     code = 0
     try:
         runpy.run_module(module, run_name="__main__", alter_sys=True)

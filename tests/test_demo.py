@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-SHORT = ("import sys; from stages.demo import stage as demo; demo.BASE_STEPS, demo.EXPERT_STEPS, demo.EVAL_SIZE = 12, 6, 8; "
-         "demo.build(sys.argv[1])")
+SHORT = ("import sys; from stages.demo import stage as demo; "
+         "demo.BASE_STEPS, demo.EXPERT_STEPS, demo.EVAL_SIZE = 12, 6, 8; demo.build(sys.argv[1])")
 
 
 def _digests(root: Path) -> dict[str, str]:

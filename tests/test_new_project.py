@@ -24,15 +24,19 @@ def test_new_refuses_a_folder_that_holds_files_and_leaves_it_alone(tmp_path):
 
 
 def test_every_help_says_what_each_argument_is_and_exits_0():
-    for args in ([], ["new"], ["check"], ["compose"], ["report"], ["lineage"]):
-        proc = run(MERGEFORGE + args + ["--help"], ROOT)
-        assert proc.stdout.startswith("usage: mergeforge"), args
-    assert "NAME" in run(MERGEFORGE + ["lineage", "--help"], ROOT).stdout.split("positional arguments:")[1]
-    assert "DIR" in run(MERGEFORGE + ["new", "--help"], ROOT).stdout.split("positional arguments:")[1]
+    for args in ([], ["report"]):
+        assert run(MERGEFORGE + args + ["--help"], ROOT).stdout.startswith("usage: mergeforge"), args
+    described = {"new": ["DIR"], "lineage": ["NAME"], "check": ["OVERRIDE", "--root ROOT"],
+                 "compose": ["OVERRIDE", "--root ROOT"]}
+    for command, arguments in described.items():
+        text = run(MERGEFORGE + [command, "--help"], ROOT).stdout
+        assert all(f"  {arg}  " in text for arg in arguments), (command, text)  # each with its help text
     engine = run([sys.executable, "-m", "mergekit_ops", "--help"], ROOT).stdout.split("positional arguments:")[1]
     assert all(f"{arg}  " in engine for arg in ("RECIPE.yml", "OUT_DIR"))  # each with its help text
-    for module in ("stages.lineage", "stages.merge", "stages.evaluate", "stages.compose", "mergekit_ops"):
-        assert "usage:" in run([sys.executable, "-m", module, "--help"], ROOT).stdout, module
+    for module in ("stages.lineage", "stages.compose", "stages.demo", "stages.fetch", "stages.merge", "stages.evaluate",
+                   "stages.evaluate.report", "stages.evaluate.sweep", "stages.publish", "mergekit_ops"):
+        text = run([sys.executable, "-m", module, "--help"], ROOT).stdout
+        assert text.startswith("usage:") and ("NAME  " in text or "OUT_DIR  " in text or "OVERRIDE  " in text), module
 
 
 @pytest.mark.slow
@@ -64,3 +68,14 @@ def test_from_mergeforge_new_to_an_evaluated_merge_of_two_local_checkpoints(tmp_
     lineage = run(MERGEFORGE + ["lineage", "ab"], project, env).stdout
     assert lineage.startswith("ab  merge (linear)") and str(tmp_path / "checkpoints" / "add") in lineage
     assert set(json.loads(run(["dvc", "status", "--json"], project, env).stdout)) <= {"compose"}  # always runs
+
+
+def test_mergeforge_compose_writes_the_new_graph_at_once_and_exits_0(tmp_path):
+    """What spares the documented stop: a graph change written by hand, not by a stage DVC runs."""
+    project = tmp_path / "p"
+    run(MERGEFORGE + ["new", str(project)], tmp_path)
+    (project / "conf/models/a.yaml").write_text("source: local\npath: ckpt/a\n")
+    proc = run(MERGEFORGE + ["compose"], project)
+    assert "dvc.yaml rewritten (added eval-a)" in proc.stderr
+    assert "eval-a" in yaml.safe_load((project / "dvc.yaml").read_text())["stages"]
+    assert "dvc.yaml already matches conf/" in run(MERGEFORGE + ["compose"], project).stderr

@@ -35,7 +35,6 @@ def built(tmp_path_factory, mlflow_template):
     """A project with a base, two fine-tunes and three recipes (one a merge of merges), built once."""
     root = tmp_path_factory.mktemp("pipeline")
     seed = fresh_seed()
-    print(f"random seed: {seed}")
     base = llama_state(seed=seed)
     models = {"base": write_model(root / "src" / "base", base)}
     for i in range(2):

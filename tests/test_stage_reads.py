@@ -12,13 +12,16 @@ import yaml
 
 from pipeline import hub_cache, new_project, repro, run
 from stages.common.layout import model_dir
+from stages.compose.graph import code_deps
 from tiny import fresh_seed, write_causal_lm
 
 pytestmark = pytest.mark.slow  # end-to-end: a DVC project built, and each kind of stage run again
 
 AUDIT = Path(__file__).with_name("read_audit.py")
-# Read by every stage on purpose and never a DVC dependency: the MLflow store (records, not
-# build inputs), the digest cache (a memo of file sums) and git metadata (the commit a record names).
+# Read on purpose and never a DVC dependency: the MLflow store (records, not build inputs), the
+# digest cache (a memo of file sums) and git metadata (the commit a record names). A stage that
+# finds a parent unrecorded (a fresh store) records it from params.yaml and its folder: records
+# again, so the audit runs on the project's store, as a build does.
 SIDE_STORES = ("mlflow.db", "mlruns", "mlartifacts", ".mergeforge", ".git")
 
 
@@ -59,15 +62,15 @@ def _declared(project: Path, stage: dict) -> list[Path]:
 
 
 def _undeclared_reads(project: Path, name: str, stage: dict, env: dict, tmp: Path) -> list[str]:
-    """Run the stage's command with audit hooks, on a fresh MLflow store and digest cache (so it
-    records, and digests, everything it would for a new teammate)."""
+    """Run the stage's command with audit hooks, on a copy of the project's MLflow store (as a
+    stage runs in a build) and no digest cache (so it digests all it reads)."""
     argv = stage["cmd"].split()
     assert argv[:2] == ["python", "-m"], stage["cmd"]
     log = tmp / f"{name}.log"
     shutil.rmtree(project / ".mergeforge", ignore_errors=True)
     proc = run([sys.executable, str(AUDIT), str(log), *argv[2:]], project,
-               env | {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp / 'fresh' / name}.db",
-                      "MERGEFORGE_AUDIT_SHORT_DEMO": "1"}, check=False)
+               env | {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp / 'store' / name}.db"}
+               | ({"MERGEFORGE_AUDIT_SHORT_DEMO": "1"} if name == "demo" else {}), check=False)
     assert proc.returncode == 0, (name, proc.stderr)
     declared = [str(p) for p in _declared(project, stage)]
     if name == "compose":  # always run: dvc.yaml is its output in all but name (DVC refuses it as an out), and
@@ -81,37 +84,39 @@ def _undeclared_reads(project: Path, name: str, stage: dict, env: dict, tmp: Pat
         if (not Path(path).is_relative_to(project) or path == str(project)  # the working directory (Hydra, MLflow)
                 or not os.path.lexists(path)  # a probe of a path that is not there (git, import hooks) reads nothing
                 or any(path == d or path.startswith(d + os.sep) for d in declared)
-                or kind == "list" and any(path == os.path.dirname(o) for o in outs)):  # its own leftovers by an out
+                or kind == "list" and any(path == os.path.dirname(o) for o in outs)  # its own leftovers by an out
+                or kind == "list" and any(d.startswith(path + os.sep) for d in declared)):  # imports look in stages/
             continue
         missed.append(path)
     return sorted(set(missed))
 
 
-def test_every_kind_of_stage_reads_only_what_its_dvc_yaml_entry_declares(built, tmp_path, mlflow_template):
+def test_every_kind_of_stage_reads_only_what_its_dvc_yaml_entry_declares(built, tmp_path):
     project, env, _ = built
     stages = yaml.safe_load((project / "dvc.yaml").read_text())["stages"]
     kinds = ["compose", "fetch-h", "merge-soup", "merge-mix", "eval-mix", "eval-h", "report-mix", "sweep-sw",
              "publish-pub"]
     assert set(kinds) <= set(stages), sorted(stages)
-    (tmp_path / "fresh").mkdir()
+    (tmp_path / "store").mkdir()
     for name in kinds:
-        shutil.copyfile(mlflow_template, tmp_path / "fresh" / f"{name}.db")
+        shutil.copyfile(project / "mlflow.db", tmp_path / "store" / f"{name}.db")
         missed = _undeclared_reads(project, name, stages[name], env, tmp_path)
         assert missed == [], (name, missed)
-    demo = {"cmd": f"python -m stages.demo {project / 'artifacts' / 'demo'}", "deps": ["stages/common", "stages/demo"],
+    demo = {"cmd": f"python -m stages.demo {project / 'artifacts' / 'demo'}", "deps": code_deps("demo"),
             "outs": ["artifacts/demo"]}  # not in this project's graph: run as the demo's entry has it
-    shutil.copyfile(mlflow_template, tmp_path / "fresh" / "demo.db")
+    shutil.copyfile(project / "mlflow.db", tmp_path / "store" / "demo.db")
     assert _undeclared_reads(project, "demo", demo, env, tmp_path) == []
 
 
-def test_the_audit_sees_an_undeclared_read(built, tmp_path, mlflow_template):
+def test_the_audit_sees_an_undeclared_read(built, tmp_path):
     """The check above can fail: the report of mix, its deps cut to its own metrics, is caught
     reading its parents' and its base's."""
     project, env, _ = built
     stage = yaml.safe_load((project / "dvc.yaml").read_text())["stages"]["report-mix"]
-    stage = stage | {"deps": [d for d in stage["deps"] if not d.startswith("artifacts/eval/") or d.endswith("/mix.json")]}
-    (tmp_path / "fresh").mkdir()
-    shutil.copyfile(mlflow_template, tmp_path / "fresh" / "report-mix.db")
+    kept = [d for d in stage["deps"] if not d.startswith("artifacts/eval/") or d.endswith("/mix.json")]
+    stage = stage | {"deps": kept}
+    (tmp_path / "store").mkdir()
+    shutil.copyfile(project / "mlflow.db", tmp_path / "store" / "report-mix.db")
     missed = _undeclared_reads(project, "report-mix", stage, env, tmp_path)
     assert missed == sorted(str(project / f"artifacts/eval/{m}.json") for m in ("c", "h", "soup"))
 
@@ -135,7 +140,8 @@ def test_a_new_score_of_the_base_reruns_publish_and_reaches_the_card(built):
     """c is only the baseline of mix (not merged into it): new weights change c's perplexity and no
     merge; the card, which shows c's score, follows."""
     project, env, seed = built
-    score = lambda: json.loads((project / "artifacts/eval/c.json").read_text())["lm"]["perplexity"]["text"]  # noqa: E731
+    metrics = project / "artifacts/eval/c.json"
+    score = lambda: json.loads(metrics.read_text())["lm"]["perplexity"]["text"]  # noqa: E731
     before = score()
     assert f"| {before:.4g} |" in _card(project).split("## Evaluation")[1]
     shutil.rmtree(project / "models" / "c")

@@ -14,10 +14,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-REPORT_FILES = ("report.md", "retention.json", "scores.json")
-SWEEP_FILES = ("sweep.md", "sweep.json")
-
-
 def _root(params: dict) -> Path:
     return Path(params["artifacts"])
 
@@ -41,6 +37,18 @@ def metrics_file(name: str, params: dict) -> Path:
 def report_dir(name: str, params: dict) -> Path:
     """A merge's report, or a sweep's curve (recipe and sweep names share conf/merges, so never clash)."""
     return _root(params) / "reports" / name
+
+
+def report_files(name: str, params: dict) -> dict[str, Path]:
+    """A merge's report: the table, its retention metrics (DVC metrics) and its scores (DVC plots)."""
+    folder = report_dir(name, params)
+    return {"table": folder / "report.md", "retention": folder / "retention.json", "scores": folder / "scores.json"}
+
+
+def sweep_files(name: str, params: dict) -> dict[str, Path]:
+    """A sweep's curve: the table and the rows DVC plots draws."""
+    folder = report_dir(name, params)
+    return {"table": folder / "sweep.md", "curve": folder / "sweep.json"}
 
 
 def publish_dir(target: str, params: dict) -> Path:

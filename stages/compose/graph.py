@@ -16,17 +16,18 @@ import yaml
 from omegaconf import DictConfig
 
 from ..common.errors import ConfigError
-from ..common.layout import ancestors, metrics_file, model_dir, publish_dir, report_dir, roles
+from ..common.layout import (ancestors, metrics_file, model_dir, parents, publish_dir, report_files, roles,
+                             sweep_files)
 
 
 CODE = Path(__file__).resolve().parents[2]  # the folder that holds stages/ and mergekit_ops/
 
 
 def code_deps(package: str) -> list[str]:
-    """The code a stage runs: its package under stages/, every stage package it imports (stages/common
-    at least) and mergekit_ops when it imports the engine, read from import statements (lazy ones
-    included), transitively, so a stage reruns when any code it runs changes and no hand-kept list
-    goes stale. Each package counts as one directory."""
+    """The code a stage runs: stages/__init__.py, its package under stages/, every stage package it
+    imports (stages/common at least) and mergekit_ops when it imports the engine, read from import
+    statements (lazy ones included), transitively, so a stage reruns when any code it runs changes
+    and no hand-kept list goes stale. Each package counts as one directory."""
     return list(_code_deps(package))
 
 
@@ -34,7 +35,7 @@ def code_deps(package: str) -> list[str]:
 def _code_deps(package: str) -> tuple[str, ...]:
     """code_deps, parsed once per package (every merge and evaluation stage asks for the same)."""
     here = Path(__file__).parents[1]
-    deps, todo = set(), [package]
+    deps, todo = {"stages/__init__.py"}, [package]  # the package's own __init__ runs first
     while todo:
         name = todo.pop()
         if f"stages/{name}" in deps:
@@ -120,10 +121,9 @@ def render_dvc_yaml(graph: Graph, params: dict, cfg: DictConfig, conf_dir: Path,
     with suites in conf/eval, one evaluation per model and merge, one report per merge and one curve
     per sweep; one publish per target; and the reports' plots.
 
-    Each stage declares every file and params.yaml key it reads, so a change to any of them reruns
-    it. Merge, evaluation and publish stages also declare every ancestor's folder: on a fresh MLflow
-    store they record the whole lineage, digests included (such a folder changes only when the
-    direct inputs change too, so this adds no rerun)."""
+    Each stage declares every file and params.yaml key its outputs depend on, so a change to any of
+    them reruns it and nothing else does (docs/pipeline.md lists what each declares, and the reads
+    left out on purpose)."""
     if code_is_inside(root):
         code, code_key = code_deps, lambda package: []  # noqa: E731
     else:  # the code is installed elsewhere: its digests in params.yaml stand for it
@@ -147,7 +147,7 @@ def render_dvc_yaml(graph: Graph, params: dict, cfg: DictConfig, conf_dir: Path,
     for name in graph.merges:
         stages[f"merge-{name}"] = {
             "cmd": f"python -m stages.merge {name}",
-            "deps": code("merge") + [folder(ref) for ref in ancestors(name, params)],
+            "deps": code("merge") + [folder(ref) for ref in parents(name, params)],
             "params": [f"merges.{name}"] + code_key("merge"),
             "outs": [folder(name)],
         }
@@ -158,31 +158,32 @@ def render_dvc_yaml(graph: Graph, params: dict, cfg: DictConfig, conf_dir: Path,
         for name in graph.models + graph.merges:
             stages[f"eval-{name}"] = {
                 "cmd": f"python -m stages.evaluate {name}",
-                "deps": code("evaluate") + [folder(m) for m in [name] + ancestors(name, params)] + data,
+                "deps": code("evaluate") + [folder(name)] + data,
                 "params": ["evaluate.suites"] + code_key("evaluate"),
                 "metrics": [{metrics(name): {"cache": False}}],
             }
         for name in graph.merges:
-            report = report_dir(name, params)
+            report = {kind: str(path) for kind, path in report_files(name, params).items()}
             stages[f"report-{name}"] = {
                 "cmd": f"python -m stages.evaluate.report {name}",
                 "deps": code("evaluate") + [metrics(m) for _, m in roles(name, params)],
                 "params": ["evaluate.baseline"] + _recipes_read(name, params) + code_key("evaluate"),
-                "outs": [{str(report / "report.md"): {"cache": False}}],
-                "metrics": [{str(report / "retention.json"): {"cache": False}}],
-                "plots": [{str(report / "scores.json"): {"cache": False}}],
+                "outs": [{report["table"]: {"cache": False}}],
+                "metrics": [{report["retention"]: {"cache": False}}],
+                "plots": [{report["scores"]: {"cache": False}}],
             }
-            plots.append({str(report / "scores.json"): {"title": f"{name}: merge vs parents and base", "template":
+            plots.append({report["scores"]: {"title": f"{name}: merge vs parents and base", "template":
                           "bar_horizontal", "x": "score", "y": "label"}})
         tasks = [f"{suite}/{task}" for suite, body in sorted(params["evaluate"]["suites"].items())
                  for task in sorted(body["tasks"])]
         for name, sweep in params["sweeps"].items():
-            curve = str(report_dir(name, params) / "sweep.json")
+            files = sweep_files(name, params)
+            curve = str(files["curve"])
             stages[f"sweep-{name}"] = {
                 "cmd": f"python -m stages.evaluate.sweep {name}",
                 "deps": code("evaluate") + [metrics(m) for m in sweep["recipes"]],
                 "params": [f"sweeps.{name}"] + code_key("evaluate"),
-                "outs": [{str(report_dir(name, params) / "sweep.md"): {"cache": False}}],
+                "outs": [{str(files["table"]): {"cache": False}}],
                 "plots": [{curve: {"cache": False}}],
             }
             plots.append({curve: {"title": f"{name}: score against {sweep['key']}", "template": "linear",
@@ -191,8 +192,8 @@ def render_dvc_yaml(graph: Graph, params: dict, cfg: DictConfig, conf_dir: Path,
         model = spec["model"]
         stages[f"publish-{target}"] = {
             "cmd": f"python -m stages.publish {target}",
-            "deps": (code("publish") + [folder(m) for m in [model] + ancestors(model, params)]
-                     + [metrics(m) for _, m in roles(model, params)]),
+            "deps": (code("publish") + [folder(m) for m in [model] + parents(model, params)]  # digests on the card
+                     + [folder(m) for m in _unlicensed(model, params)] + [metrics(m) for _, m in roles(model, params)]),
             "params": (["evaluate.baseline", f"publish.{target}"] + _card_params(model, params, target)
                        + code_key("publish")),
             "outs": [{str(publish_dir(target, params)): {"cache": False}}],
@@ -204,6 +205,12 @@ def render_dvc_yaml(graph: Graph, params: dict, cfg: DictConfig, conf_dir: Path,
 def _recipes_read(name: str, params: dict) -> list[str]:
     """The recipes that decide a merge's base (base_of looks through merge parents)."""
     return [f"merges.{m}" for m in [name] + ancestors(name, params) if m in params["merges"]]
+
+
+def _unlicensed(name: str, params: dict) -> list[str]:
+    """Source models a card reads its license from (their README.md): those without `license:`."""
+    return [m for m in ancestors(name, params) if m in params["models"] and not params["models"][m].get("license")
+            and m not in parents(name, params)]
 
 
 def _card_params(name: str, params: dict, target: str) -> list[str]:
@@ -229,7 +236,7 @@ def code_digests(packages: list[str], base: Path = CODE) -> dict[str, str]:
     for package in packages:
         h = hashlib.sha256()
         for dep in code_deps(package):
-            for f in sorted((base / dep).rglob("*.py")):
+            for f in [base / dep] if dep.endswith(".py") else sorted((base / dep).rglob("*.py")):
                 h.update(f.relative_to(base).as_posix().encode() + b"\0" + hashlib.sha256(f.read_bytes()).digest())
         digests[package] = h.hexdigest()
     return digests

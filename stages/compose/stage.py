@@ -231,19 +231,27 @@ def main(argv: list[str] | None = None) -> int:
             print("dvc.yaml does not match conf/: run `python -m stages.compose`", file=sys.stderr)
             return 1
         return 0
-    if params["merges"] and not params["evaluate"]["suites"]:
-        print("note: conf/eval holds no suite, so no model or merge is evaluated (see conf/examples)", file=sys.stderr)
-    write_if_changed(args.root / "params.yaml", PARAMS_HEADER + yaml.safe_dump(params, sort_keys=False))
-    old_stages = _stage_names(args.root / "dvc.yaml")
-    if write_if_changed(args.root / "dvc.yaml", dvc_yaml):
-        new_stages = _stage_names(args.root / "dvc.yaml")
-        added, removed = sorted(new_stages - old_stages), sorted(old_stages - new_stages)
-        change = "; ".join(x for x in (f"added {', '.join(added)}" if added else "",
-                                       f"removed {', '.join(removed)}" if removed else "") if x) or "rewired"
+    change = write(args.root, params, dvc_yaml)
+    if change:
         print(f"conf/ changed the build graph ({change}): dvc.yaml is rewritten. DVC read the old graph "
               "before this stage ran, so run `dvc repro` again to build the new one.", file=sys.stderr)
         return 1
     return 0
+
+
+def write(root: Path, params: dict, dvc_yaml: str) -> str | None:
+    """Write params.yaml and dvc.yaml where they changed; how the graph changed ("added merge-x;
+    removed ..." or "rewired"), or None when dvc.yaml stayed as it was."""
+    if params["merges"] and not params["evaluate"]["suites"]:
+        print("note: conf/eval holds no suite, so no model or merge is evaluated (see conf/examples)", file=sys.stderr)
+    write_if_changed(root / "params.yaml", PARAMS_HEADER + yaml.safe_dump(params, sort_keys=False))
+    old_stages = _stage_names(root / "dvc.yaml")
+    if not write_if_changed(root / "dvc.yaml", dvc_yaml):
+        return None
+    new_stages = _stage_names(root / "dvc.yaml")
+    added, removed = sorted(new_stages - old_stages), sorted(old_stages - new_stages)
+    return "; ".join(x for x in (f"added {', '.join(added)}" if added else "",
+                                 f"removed {', '.join(removed)}" if removed else "") if x) or "rewired"
 
 
 def report_error(message: str) -> int:

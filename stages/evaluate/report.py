@@ -21,7 +21,7 @@ import yaml
 
 from ..common.atomic import write_json, write_text
 from ..common.errors import EvalError
-from ..common.layout import metrics_file, report_dir, roles
+from ..common.layout import metrics_file, report_dir, report_files, roles
 from ..common.metrics import HIGHER_IS_BETTER, load_metrics
 from ..common.stage_cli import in_section, run_stage
 
@@ -70,18 +70,17 @@ def _fmt(value: float | None) -> str:
 
 def write(name: str, params: dict) -> Path:
     comparison = compare(name, params)
-    out = report_dir(name, params)
-    out.mkdir(parents=True, exist_ok=True)
+    files = report_files(name, params)
     kept: dict[str, dict] = {}
     for t in comparison["tasks"]:
         kept.setdefault(t["suite"], {})[t["task"]] = t["retention"]
     rows = [{"task": f"{t['suite']}/{t['task']}", "model": f"{m} ({role})", "score": t["scores"][m],
              "label": f"{t['suite']}/{t['task']}: {m} ({role})"}
             for t in comparison["tasks"] for role, m in comparison["models"] if t["scores"][m] is not None]
-    write_json(out / "retention.json", kept)
-    write_json(out / "scores.json", {"scores": rows})
-    write_text(out / "report.md", markdown(name, comparison))
-    return out
+    write_json(files["retention"], kept)
+    write_json(files["scores"], {"scores": rows})
+    write_text(files["table"], markdown(name, comparison))
+    return report_dir(name, params)
 
 
 def leaderboard(params: dict) -> str:
@@ -105,7 +104,15 @@ def leaderboard(params: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
+    if args in (["-h"], ["--help"]):
+        print("usage: python -m stages.evaluate.report NAME | --all\n"
+              "  NAME   the recipe whose merge is compared with its parents and base (artifacts/reports/NAME)\n"
+              "  --all  print every evaluated model's scores as one table (`mergeforge report`)")
+        return 0
     if args == ["--all"]:
+        if not Path("params.yaml").is_file():
+            print("error: no params.yaml here: run in a project's root, after `dvc repro`", file=sys.stderr)
+            return 2
         params = yaml.safe_load(Path("params.yaml").read_text())
         try:
             print(leaderboard(params))

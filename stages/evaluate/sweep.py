@@ -12,7 +12,7 @@ from pathlib import Path
 
 from ..common.atomic import write_json, write_text
 from ..common.errors import EvalError
-from ..common.layout import report_dir
+from ..common.layout import sweep_files
 from ..common.metrics import load_metrics
 from ..common.stage_cli import in_section, run_stage
 
@@ -26,14 +26,14 @@ def curve(name: str, params: dict) -> Path:
             for kind, scores in by_kind.items():
                 row.update({f"{suite}/{task}": score for task, score in sorted(scores.items())})
         rows.append(row)
-    out = report_dir(name, params)
-    write_json(out / "sweep.json", {"sweep": rows})
+    files = sweep_files(name, params)
+    write_json(files["curve"], {"sweep": rows})
     tasks = [k for k in rows[0] if k not in ("value", "recipe")]
     table = [f"# {name}: {sweep['key']} swept", "", "| " + " | ".join([sweep["key"], "recipe"] + tasks) + " |",
              "|" + "---|" * (len(tasks) + 2)]
     table += ["| " + " | ".join([str(r["value"]), r["recipe"]] + [f"{r[t]:.4g}" for t in tasks]) + " |" for r in rows]
-    write_text(out / "sweep.md", "\n".join(table) + "\n")
-    return out / "sweep.json"
+    write_text(files["table"], "\n".join(table) + "\n")
+    return files["curve"]
 
 
 def main(argv: list[str] | None = None) -> int:
