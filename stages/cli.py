@@ -90,7 +90,7 @@ def _check(root: Path, overrides: list[str]) -> int:
     from mergekit_ops import RecipeError
 
     from .common.errors import ConfigError, FetchError
-    from .compose.stage import plan, report_error
+    from .compose.stage import matches, plan, report_error
 
     try:
         params, dvc_yaml = plan(root, overrides, pin=False)
@@ -102,8 +102,7 @@ def _check(root: Path, overrides: list[str]) -> int:
           f"{count(len(params['publish']), 'publish target')}")
     if params["merges"] and not params["evaluate"]["suites"]:
         print("note: conf/eval holds no suite, so nothing is evaluated")
-    current = root / "dvc.yaml"
-    if not current.is_file() or current.read_text() != dvc_yaml:
+    if not matches(root, dvc_yaml):
         print("dvc.yaml does not match conf/ yet: `dvc repro` rewrites it and stops once (run it again), "
               "or `mergeforge compose` rewrites it now")
     return 0

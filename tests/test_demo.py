@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
+from pipeline import SHORT_DEMO
+
 ROOT = Path(__file__).resolve().parents[1]
-SHORT = ("import sys; from stages.demo import stage as demo; "
-         "demo.BASE_STEPS, demo.EXPERT_STEPS, demo.EVAL_SIZE = 12, 6, 8; demo.build(sys.argv[1])")
 
 
 def _digests(root: Path) -> dict[str, str]:
@@ -21,7 +21,7 @@ def _digests(root: Path) -> dict[str, str]:
 def two_runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("demo")
     for run in ("a", "b"):
-        subprocess.run([sys.executable, "-c", SHORT, str(root / run)], cwd=ROOT, check=True, capture_output=True)
+        subprocess.run([sys.executable, "-c", SHORT_DEMO, str(root / run)], cwd=ROOT, check=True, capture_output=True)
     return root / "a", root / "b"
 
 

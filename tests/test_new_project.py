@@ -8,12 +8,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline import run
+from pipeline import SHORT_DEMO, run
 
 ROOT = Path(__file__).resolve().parents[1]
 MERGEFORGE = [sys.executable, "-m", "stages.cli"]
-SHORT_DEMO = ("import sys; from stages.demo import stage as demo; demo.BASE_STEPS, demo.EXPERT_STEPS, "
-              "demo.EVAL_SIZE = 12, 6, 8; demo.build(sys.argv[1])")
 
 
 def test_new_refuses_a_folder_that_holds_files_and_leaves_it_alone(tmp_path):

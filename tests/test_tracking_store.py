@@ -124,3 +124,11 @@ def test_a_relative_sqlite_uri_is_checked_where_mlflow_opens_it(tmp_path, monkey
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///lineage.db")
     with pytest.raises(LineageError, match=f"MLflow store {tmp_path / 'lineage.db'} is empty"):
         tracking.connect()
+
+
+def test_a_reader_is_refused_a_missing_store_and_none_is_created(tmp_path, monkeypatch):
+    """`mergeforge lineage` outside a project must not leave an empty mlflow.db behind."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    with pytest.raises(LineageError, match=f"no MLflow store at {tmp_path / 'mlflow.db'}"):
+        tracking.connect(tmp_path, create=False)
+    assert list(tmp_path.iterdir()) == []

@@ -62,8 +62,9 @@ def mlflow_errors(what: str):
         raise LineageError(f"MLflow at {uri}: {what}: {type(exc).__name__}: {first}") from None
 
 
-def connect(root: Path | None = None) -> str:
-    """Point MLflow at the store and make sure the experiment exists; returns its id."""
+def connect(root: Path | None = None, create: bool = True) -> str:
+    """Point MLflow at the store and make sure the experiment exists; returns its id. A reader
+    (create=False) is refused a project sqlite store that does not exist yet, not given an empty one."""
     import logging
 
     import mlflow
@@ -72,7 +73,7 @@ def connect(root: Path | None = None) -> str:
     warnings.filterwarnings("ignore", module="mlflow")
     root = (root or Path.cwd()).resolve()
     uri = tracking_uri(root)
-    check_store(uri)
+    check_store(uri, create)
     user_choice = os.environ.get("MLFLOW_TRACKING_URI")
     mlflow.set_tracking_uri(uri)
     if user_choice is None:  # MLflow exports the URI for subprocesses: a DVC run would inherit this project's
@@ -85,7 +86,7 @@ def connect(root: Path | None = None) -> str:
         return experiment_id
 
 
-def check_store(uri: str) -> None:
+def check_store(uri: str, create: bool = True) -> None:
     """Fail before MLflow does: MLflow retries an absent server for minutes, and silently turns an
     empty or foreign sqlite file into a fresh store, losing the lineage history."""
     scheme = uri.partition(":")[0].lower()
@@ -94,7 +95,7 @@ def check_store(uri: str) -> None:
             os.environ.setdefault(name, value)
         check_server(uri)
     elif scheme == "sqlite":
-        check_sqlite(uri)
+        check_sqlite(uri, create)
 
 
 def check_server(uri: str) -> None:
@@ -114,8 +115,9 @@ def check_server(uri: str) -> None:
                            "project's mlflow.db)") from None
 
 
-def check_sqlite(uri: str) -> None:
-    """An existing store must be an MLflow sqlite DB (read-only check); a missing one is a first run."""
+def check_sqlite(uri: str, create: bool = True) -> None:
+    """An existing store must be an MLflow sqlite DB (read-only check); a missing one is a first run
+    (or, for a reader, an error)."""
     from sqlalchemy.engine import make_url  # the parser MLflow's store uses: same file
 
     database = make_url(uri).database
@@ -123,6 +125,9 @@ def check_sqlite(uri: str) -> None:
         return
     path = Path(database).absolute()
     if not path.exists():
+        if not create:
+            raise LineageError(f"no MLflow store at {path}: run in a project's root after `dvc repro`, or set "
+                               "MLFLOW_TRACKING_URI")
         print(f"creating a new MLflow store at {path}", file=sys.stderr)
         return
     fix = "restore it from a backup, or delete it to start a new history"

@@ -226,8 +226,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, RecipeError, FetchError) as exc:
         return report_error(str(exc))
     if args.check:
-        current = (args.root / "dvc.yaml").read_text() if (args.root / "dvc.yaml").is_file() else ""
-        if current != dvc_yaml:
+        if not matches(args.root, dvc_yaml):
             print("dvc.yaml does not match conf/: run `python -m stages.compose`", file=sys.stderr)
             return 1
         return 0
@@ -237,6 +236,11 @@ def main(argv: list[str] | None = None) -> int:
               "before this stage ran, so run `dvc repro` again to build the new one.", file=sys.stderr)
         return 1
     return 0
+
+
+def matches(root: Path, dvc_yaml: str) -> bool:
+    """Whether the project's dvc.yaml is already this text."""
+    return (root / "dvc.yaml").is_file() and (root / "dvc.yaml").read_text() == dvc_yaml
 
 
 def write(root: Path, params: dict, dvc_yaml: str) -> str | None:

@@ -9,7 +9,6 @@ record of that name.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
@@ -80,12 +79,8 @@ def main(argv: list[str] | None = None) -> int:
                    "is MLFLOW_TRACKING_URI when set, else mlflow.db in the current directory")
     name = p.parse_args(argv).name
     params = yaml.safe_load(Path("params.yaml").read_text()) if Path("params.yaml").is_file() else None
-    if not os.environ.get("MLFLOW_TRACKING_URI") and not Path("mlflow.db").exists():
-        print("error: no MLflow store here (mlflow.db): run in a project's root, or set MLFLOW_TRACKING_URI",
-              file=sys.stderr)
-        return 2
     try:
-        tracking.connect()
+        tracking.connect(create=False)
         print("\n".join(tree(record_of(name, params))))
     except LineageError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -8,10 +8,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-import yaml
 
 from ..common.errors import ConfigError
-from ..compose.stage import PARAMS_HEADER, plan
+from ..compose.stage import plan, write
 
 TEMPLATE = Path(__file__).with_name("template")
 RENAMED = {"gitignore": ".gitignore", "dvcignore": ".dvcignore"}  # hidden files would be easy to lose in packaging
@@ -36,9 +35,7 @@ def create(target: Path) -> None:
             (target / "conf" / group).mkdir(exist_ok=True)
         _run(["git", "init", "-q"], target)
         _run([sys.executable, "-m", "dvc", "init", "-q"], target)
-        params, dvc_yaml = plan(target.resolve())
-        (target / "params.yaml").write_text(PARAMS_HEADER + yaml.safe_dump(params, sort_keys=False))
-        (target / "dvc.yaml").write_text(dvc_yaml)
+        write(target, *plan(target.resolve()))
     except BaseException:
         if made:
             shutil.rmtree(target, ignore_errors=True)
