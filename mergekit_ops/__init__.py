@@ -8,7 +8,8 @@ Attributes load lazily so that `python -m mergekit_ops --help` does not pay for 
 from __future__ import annotations
 
 _EXPORTS = {  # public name: (module, its name there)
-    "merge": ("engine", "merge"), "merge_file": ("engine", "merge_file"), "MergeOptions": ("engine", "MergeOptions"),
+    "merge": ("engine", "merge"), "merge_file": ("engine", "merge_file"),
+    "merge_tensors": ("engine", "merge_tensors"), "MergeOptions": ("engine", "MergeOptions"),
     "load_recipes": ("recipe", "load_recipes"), "parse_recipe": ("recipe", "parse_recipe"), "Recipe": ("recipe", "Recipe"),
     "MergeError": ("errors", "MergeError"), "RecipeError": ("errors", "RecipeError"),
     "CheckpointError": ("errors", "CheckpointError"),

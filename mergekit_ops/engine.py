@@ -106,6 +106,35 @@ def merge(recipe: Recipe | str | Path, out_dir: str | Path, options: MergeOption
     return execute(plan, Path(out_dir), options, base_dir)
 
 
+def merge_tensors(recipe: Recipe, options: MergeOptions | None = None, base_dir: Path | None = None,
+                  checkpoints: dict[str, Checkpoint] | None = None) -> dict[str, torch.Tensor]:
+    """Merge one recipe into tensors in memory, {name: tensor} in the output's order and dtypes: the
+    plan, methods and seeds of `merge`, so each equals what `merge` writes bit for bit. For a
+    search's trials, which need no files; `checkpoints` (by model reference) saves reopening the
+    inputs on every trial. Results stay on the options' device."""
+    options = options or MergeOptions()
+    device = _device(options.device)
+    opened = checkpoints if checkpoints is not None else {}
+    for ref in recipe.model_refs():
+        if ref not in opened:
+            opened[ref] = Checkpoint.open(ref, base_dir, options.allow_pickle)
+    plan = build_plan(recipe, {ref: opened[ref] for ref in recipe.model_refs()}, options.allow_crimes)
+    reader = _Reader(plan.checkpoints)
+    try:
+        extras = whole_model_extras(plan, reader.load, device, options)
+        out = {}
+        with collector.paused(), _workers() as pool, _draw_threads(device) as draws:
+            run = replace(options, pool=pool, draws=draws, outputs=None)
+            for task in plan.tasks:
+                inputs, base = reader.load(task)
+                merged = merge_task(plan, task, inputs, base, device, run, extras.get(task.name, {}))
+                # a copied tensor is its input's private mapping: own it
+                out[task.name] = merged.clone() if task.copy else merged
+    finally:
+        reader.close()
+    return out
+
+
 def _places(base_dir: Path | None) -> dict[str, Path]:
     """Folders an output may lie in but never be or hold."""
     return {"the working directory": Path.cwd(), **({"the recipe's folder": base_dir} if base_dir else {})}
