@@ -5,6 +5,7 @@
     mergeforge compose          write params.yaml and dvc.yaml from conf/ now
     mergeforge report           every model's and merge's scores as one table
     mergeforge lineage NAME     how a model or merge was made, read back from MLflow
+    mergeforge search NAME ...  a search's trials by hand: another worker, or N through submitit
 """
 from __future__ import annotations
 
@@ -37,6 +38,13 @@ def build_parser() -> argparse.ArgumentParser:
                              "down to the source models with their hub commits or paths and content digests. The "
                              "store is MLFLOW_TRACKING_URI when set, else mlflow.db in the project.")
     lineage.add_argument("name", metavar="NAME", help="a model (conf/models) or merge (conf/merges) by name")
+    search = sub.add_parser("search", help="run a search's trials by hand: another worker, or N through submitit",
+                            description="Run the search of conf/searches/NAME.yaml (`dvc repro` runs it as the "
+                            "stage search-NAME). `mergeforge search NAME --worker` adds a worker to its study, on "
+                            "this machine or another sharing its storage; `--submit N [--on slurm]` starts N "
+                            "through submitit. `mergeforge search NAME --help` lists every option.")
+    search.add_argument("args", nargs=argparse.REMAINDER, metavar="NAME [OPTION ...]",
+                        help="the search, then the options of `python -m stages.search`")
     return p
 
 
@@ -52,6 +60,10 @@ def main(argv: list[str] | None = None) -> int:
         from .evaluate.report import main as report
 
         return report(["--all"])
+    if args.command == "search":
+        from .search.stage import main as search
+
+        return search(args.args)
     from .lineage.stage import main as lineage
 
     return lineage([args.name])

@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 RAN = re.compile(r"Running stage '([^']+)'")
 # `python -c SHORT_DEMO OUT_DIR`: the demo's models and data with far shorter training (same code path)
 SHORT_DEMO = ("import sys; from stages.demo import stage as demo; "
-              "demo.BASE_STEPS, demo.EXPERT_STEPS, demo.EVAL_SIZE = 12, 6, 8; demo.build(sys.argv[1])")
+              "demo.BASE_STEPS, demo.EXPERT_STEPS, demo.SPLITS = 12, 6, {'validation': 8, 'test': 8}; demo.build(sys.argv[1])")
 
 
 def run(cmd: list[str], cwd: Path, env: dict | None = None, check: bool = True) -> subprocess.CompletedProcess:

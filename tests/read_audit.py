@@ -33,7 +33,7 @@ def main() -> int:
     if os.environ.get("MERGEFORGE_AUDIT_SHORT_DEMO"):
         from stages.demo import stage as demo
 
-        demo.BASE_STEPS, demo.EXPERT_STEPS, demo.EVAL_SIZE = 12, 6, 8
+        demo.BASE_STEPS, demo.EXPERT_STEPS, demo.SPLITS = 12, 6, {"validation": 8, "test": 8}
     sys.argv = [module, *args]
     code = 0
     try:

@@ -189,7 +189,7 @@ def test_params_yaml_says_it_is_generated_and_holds_only_the_keys_that_apply(tmp
     assert "seed" not in params["merges"]["soup"] and params["merges"]["dare"]["seed"] == 3
     assert list(params["merges"]["dare"]["recipe"]) == ["merge_method", "models", "base_model", "dtype"]
     assert list(params["merges"]["soup"]["recipe"]) == ["merge_method", "models", "dtype"]
-    assert params["evaluate"]["suites"]["ppl"] == {"kind": "perplexity", "tasks": {"t": "x.txt"}, "batch_size": 16,
+    assert params["evaluate"]["suites"]["ppl"] == {"kind": "perplexity", "tasks": {"t": {"test": "x.txt"}}, "batch_size": 16,
                                                    "max_length": 1024}
     assert set(params["evaluate"]["suites"]["qa"]) == {"kind", "tasks", "batch_size", "max_new_tokens"}
     assert params["publish"]["out"]["gates"] == {"min_score": {"*": 0.1}}

@@ -99,7 +99,7 @@ FAULTS = {  # id: (file under conf/, its bytes, what the error line says after t
                    r"publish/p\.yaml: key 'gates': "),
     "tasks_int": ("eval/qa.yaml", yaml.safe_dump({**EVAL, "tasks": 3}).encode(), r"eval/qa\.yaml: key 'tasks': "),
     "tasks_nested": ("eval/qa.yaml", yaml.safe_dump({**EVAL, "tasks": {"x": {"a": 1}}}).encode(),
-                     r"eval/qa\.yaml: key 'tasks\.x': a str, got dict"),
+                     r"eval/qa\.yaml: key 'tasks\.x': a data file, or {validation: FILE, test: FILE} \(no key 'a'\)"),
     "gates_nested": ("publish/p.yaml", yaml.safe_dump({**PUBLISH, "gates": {"min_score": {"qa/x": [1]}}}).encode(),
                      r"publish/p\.yaml: key 'gates\.min_score\.qa/x': a float, got list"),
     "key_with_newline": ("merges/soup.yaml", yaml.safe_dump({**SOUP, "a\nb": 1}).encode(),
@@ -237,3 +237,16 @@ def test_fuzz_models_and_merges_compose_or_name_the_file(edits):
 @given(_edits(sorted(FILES)))
 def test_fuzz_every_conf_file_composes_or_names_the_file(edits):
     _fuzz(edits)
+
+
+@pytest.mark.parametrize("suite, key", [
+    ({"kind": "exact_match", "tasks": {"x": "a.jsonl"}, "split": {"validation": 1.5}}, "split.validation"),
+    ({"kind": "lm_eval", "tasks": {"x": "task.yaml"}, "split": {"validation": 0.5}}, "tasks.x"),
+    ({"kind": "exact_match", "tasks": {"x": {"validation": "v.jsonl"}}}, "tasks.x"),
+])
+def test_a_bad_split_names_the_suite_file_and_key(tmp_path, suite, key):
+    from stages.common.errors import ConfigError
+    from stages.compose.eval_conf import check_suite
+
+    with pytest.raises(ConfigError, match=re.escape(f"{tmp_path / 'eval' / 'qa.yaml'}: key '{key}'")):
+        check_suite("qa", suite, tmp_path)

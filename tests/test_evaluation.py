@@ -77,10 +77,10 @@ def test_suite_scores_each_task_from_its_file(tmp_path, lm, seed):
     answers = [_greedy(model, tok, p, 2) for p in prompts[:3]] + ["w99"]  # the 4th is wrong, past the limit
     (tmp_path / "qa.jsonl").write_text("".join(json.dumps({"prompt": p, "answer": a}) + "\n"
                                                for p, a in zip(prompts, answers)))
-    ppl = run_suite("lm", {"kind": "perplexity", "tasks": {"text": str(tmp_path / "text.txt")}, "max_length": 64,
+    ppl = run_suite("lm", {"kind": "perplexity", "tasks": {"text": {"test": str(tmp_path / "text.txt")}}, "max_length": 64,
                            "batch_size": 2}, model, tok)
     assert ppl == {"text": pytest.approx(_direct_perplexity(model, tok, docs, 64), rel=1e-5)}
-    em = run_suite("qa", {"kind": "exact_match", "tasks": {"qa": str(tmp_path / "qa.jsonl")}, "max_new_tokens": 2,
+    em = run_suite("qa", {"kind": "exact_match", "tasks": {"qa": {"test": str(tmp_path / "qa.jsonl")}}, "max_new_tokens": 2,
                           "batch_size": 3, "limit": 3}, model, tok)
     assert em == {"qa": 1.0}
 
@@ -123,7 +123,24 @@ def test_lm_eval_task_from_local_files_matches_choice_loglikelihoods(tmp_path, l
 
     expected = sum(max(range(3), key=lambda i: loglikelihood(r["prompt"], r["choices"][i])) == r["label"]
                    for r in rows) / len(rows)
-    suite = {"kind": "lm_eval", "tasks": {"mc": str(task)}, "metric": "acc,none", "batch_size": 4}
+    suite = {"kind": "lm_eval", "tasks": {"mc": {"test": str(task)}}, "metric": "acc,none", "batch_size": 4}
     assert run_suite("mc", suite, model, tok) == {"mc": pytest.approx(expected)}
     with pytest.raises(EvalError, match="reported no metric 'f1,none'"):
         run_suite("mc", suite | {"metric": "f1,none"}, model, tok)
+
+
+def test_one_file_splits_by_its_share_and_seed_into_disjoint_validation_and_test(tmp_path, seed):
+    from stages.evaluate.suites import read_lines, split_items
+
+    rng = random.Random(seed)
+    lines = [f"doc {i} {rng.random()}" for i in range(rng.randint(10, 200))]
+    (tmp_path / "all.txt").write_text("\n".join(lines) + "\n")
+    share = rng.uniform(0.1, 0.9)
+    suite = {"kind": "perplexity", "tasks": {"t": {"file": str(tmp_path / "all.txt")}},
+             "split": {"validation": share, "seed": seed}}
+    val, test = (split_items(suite, "t", s, read_lines) for s in ("validation", "test"))
+    assert len(val) == round(share * len(lines)) and sorted(val + test) == sorted(lines) and not set(val) & set(test)
+    assert val == [x for x in lines if x in set(val)]  # file order kept
+    assert split_items(suite, "t", "validation", read_lines) == val  # the same on every run
+    other = dict(suite, split={"validation": share, "seed": seed + 1})
+    assert split_items(other, "t", "validation", read_lines) != val or len(val) in (0, len(lines))

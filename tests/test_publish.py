@@ -36,8 +36,8 @@ def project(tmp_path, mlflow_store, seed):
     (tmp_path / "data/text.txt").write_text("\n".join(words(rng.randint(3, 12)) for _ in range(8)) + "\n")
     (tmp_path / "data/qa.jsonl").write_text("".join(json.dumps({"prompt": words(3), "answer": words(1)}) + "\n"
                                                     for _ in range(6)))
-    suites = {"lm": {"kind": "perplexity", "tasks": {"text": "data/text.txt"}, "max_length": 64, "batch_size": 4},
-              "qa": {"kind": "exact_match", "tasks": {"qa": "data/qa.jsonl"}, "max_new_tokens": 2, "batch_size": 4}}
+    suites = {"lm": {"kind": "perplexity", "tasks": {"text": {"test": "data/text.txt"}}, "max_length": 64, "batch_size": 4},
+              "qa": {"kind": "exact_match", "tasks": {"qa": {"test": "data/qa.jsonl"}}, "max_new_tokens": 2, "batch_size": 4}}
     params = {
         "artifacts": "artifacts", "evaluate": {"baseline": None, "suites": suites},
         "models": {n: {"source": "local", "path": f"src/{n}", "license": "apache-2.0"} for n in ("a", "b")},

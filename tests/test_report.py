@@ -1,6 +1,7 @@
 """The comparison report: every task, the merge against each parent and the base, and retention
 (merged / best parent; best parent / merged for perplexity)."""
 import json
+import math
 import random
 
 import pytest
@@ -96,10 +97,22 @@ def test_sweep_curve_has_one_row_per_value_with_every_task(tmp_path, seed):
 def test_leaderboard_lists_every_evaluated_model_with_suite_means(tmp_path, seed):
     from stages.evaluate.report import leaderboard
 
+    rng = random.Random(seed)
     params = _params(tmp_path, {"m": _merge(["a", "b"])})
-    s = _write_metrics(tmp_path, random.Random(seed), ["a", "m"])  # b and c are not evaluated yet
+    counts = {t: rng.randint(3, 40) for t in ("x", "y")}
+    for t, n in counts.items():
+        (tmp_path / f"{t}.jsonl").write_text("".join(json.dumps({"prompt": str(i), "answer": "a"}) + "\n"
+                                                     for i in range(n)))
+    params["evaluate"]["suites"] = {"skills": {"kind": "exact_match", "tasks": {
+        t: {"validation": "unread.jsonl", "test": str(tmp_path / f"{t}.jsonl")} for t in counts}}}
+    s = _write_metrics(tmp_path, rng, ["a", "m"])  # b and c are not evaluated yet
+    held = {"x": rng.random(), "y": rng.random()}
+    (tmp_path / "eval" / "m.validation.json").write_text(json.dumps({"skills": {"exact_match": held}}))
     lines = leaderboard(params).splitlines()
-    assert lines[0] == "| model | skills/x | skills/y | text/z | skills mean |"
+    assert lines[0] == (f"| model | skills/x | skills/y | text/z | skills mean ± SE (n = {sum(counts.values())}) "
+                        "| skills validation mean |")
     assert [line.split(" | ")[0] for line in lines[2:]] == ["| a", "| m"]
     x, y = (s["m"]["skills"]["exact_match"][t] for t in ("x", "y"))
-    assert lines[3].endswith(f" | {(x + y) / 2:.4g} |")
+    se = math.sqrt(x * (1 - x) / counts["x"] + y * (1 - y) / counts["y"]) / 2
+    assert lines[3].endswith(f" | {(x + y) / 2:.4g} ± {se:.3f} | {(held['x'] + held['y']) / 2:.4g} |")
+    assert lines[2].endswith(" | n/a |")  # a has no validation scores

@@ -34,8 +34,11 @@ def built(tmp_path_factory, mlflow_template):
     project = root / "project"
     local = {n: {"source": "local", "path": str(project / "models" / n), "license": "mit"} for n in ("a", "b", "c")}
     text = "".join(" ".join(f"w{(i * 7 + j) % 21}" for j in range(6)) + "\n" for i in range(4))
-    conf = {"eval/lm": {"kind": "perplexity", "tasks": {"text": "data/text.txt"}},
-            "publish/pub": {"model": "mix", "repo_id": "me/mix", "gates": {}}}
+    conf = {"eval/lm": {"kind": "perplexity", "tasks": {"text": "data/text.txt"}, "split": {"validation": 0.5}},
+            "publish/pub": {"model": "mix", "repo_id": "me/mix", "gates": {}},
+            "searches/se": {"recipe": {"merge_method": "linear", "models": [
+                {"model": "a", "parameters": {"weight": {"search": [0.1, 1.0]}}}, {"model": "b", "parameters": {"weight": 1.0}}]},
+                "objective": {"suite": "lm"}, "budget": {"trials": 3}, "sampler": "random"}}
     linear = lambda *names: {"merge_method": "linear",  # noqa: E731
                              "models": [{"model": n, "parameters": {"weight": 1.0}} for n in names]}
     merges = {"soup": linear("a", "b"), "mix": linear("soup", "h"),
@@ -95,7 +98,7 @@ def test_every_kind_of_stage_reads_only_what_its_dvc_yaml_entry_declares(built, 
     project, env, _ = built
     stages = yaml.safe_load((project / "dvc.yaml").read_text())["stages"]
     kinds = ["compose", "fetch-h", "merge-soup", "merge-mix", "eval-mix", "eval-h", "report-mix", "sweep-sw",
-             "publish-pub"]
+             "publish-pub", "search-se", "merge-se", "eval-se", "report-se"]
     assert set(kinds) <= set(stages), sorted(stages)
     (tmp_path / "store").mkdir()
     for name in kinds:

@@ -19,3 +19,7 @@ class LineageError(Exception):
 
 class PublishError(Exception):
     """A publish target cannot be staged or pushed, or its model failed a gate."""
+
+
+class SearchError(Exception):
+    """A search cannot run: its trials keep failing, or its study cannot be opened."""

@@ -5,10 +5,12 @@ artifact path, so the graph DVC checks and the files the stages write cannot dri
 
     artifacts/models/NAME            a hub model, fetched (a local model is read where it lies)
     artifacts/merges/NAME            a merge
-    artifacts/eval/NAME.json         a model's or merge's metrics
+    artifacts/eval/NAME.json         a model's or merge's metrics on the test split
+    artifacts/eval/NAME.validation.json            ... and on the validation split
     artifacts/reports/NAME/          a merge's report (report.md, retention.json, scores.json)
                                      or a sweep's curve (sweep.md, sweep.json)
     artifacts/publish/TARGET/        a publish target's staged repo and receipt
+    artifacts/searches/NAME/         a search's best recipe, its trials and its best trial
 """
 from __future__ import annotations
 
@@ -30,8 +32,9 @@ def merge_dir(name: str, params: dict) -> Path:
     return _root(params) / "merges" / name
 
 
-def metrics_file(name: str, params: dict) -> Path:
-    return _root(params) / "eval" / f"{name}.json"
+def metrics_file(name: str, params: dict, split: str = "test") -> Path:
+    """A model's scores on the test split (what reports, gates and cards read), or on another."""
+    return _root(params) / "eval" / (f"{name}.json" if split == "test" else f"{name}.{split}.json")
 
 
 def report_dir(name: str, params: dict) -> Path:
@@ -49,6 +52,13 @@ def sweep_files(name: str, params: dict) -> dict[str, Path]:
     """A sweep's curve: the table and the rows DVC plots draws."""
     folder = report_dir(name, params)
     return {"table": folder / "sweep.md", "curve": folder / "sweep.json"}
+
+
+def search_files(name: str, params: dict) -> dict[str, Path]:
+    """A search's outputs: the best recipe (mergekit YAML), the trials (DVC plots), the best trial
+    (DVC metrics)."""
+    folder = _root(params) / "searches" / name
+    return {"recipe": folder / "recipe.yaml", "trials": folder / "trials.json", "best": folder / "best.json"}
 
 
 def publish_dir(target: str, params: dict) -> Path:
@@ -81,11 +91,12 @@ def roles(name: str, params: dict) -> list[tuple[str, str]]:
 
 
 def base_of(name: str, params: dict) -> str | None:
-    """The model a merge is compared with: its recipe's base_model, else the one base its merge
+    """The model a merge is compared with: its recipe's (or search's) base_model, else the one base its merge
     parents share, else the project's `evaluate.baseline`."""
-    recipe = params["merges"][name]["recipe"]
-    if recipe.get("base_model"):
-        return recipe["base_model"]
+    spec = params["merges"][name]
+    base = spec["recipe"].get("base_model") if "recipe" in spec else spec.get("base_model")  # a search's is fixed
+    if base:
+        return base
     bases = {base_of(p, params) for p in parents(name, params) if p in params["merges"]}
     if len(bases) == 1 and None not in bases:
         return bases.pop()

@@ -1,4 +1,5 @@
-"""The metrics files of artifacts/eval/NAME.json: {suite: {kind: {task: score}}}, one per model."""
+"""The metrics files of artifacts/eval/NAME.json (test split) and NAME.validation.json:
+{suite: {kind: {task: score}}}, one per model and split."""
 from __future__ import annotations
 
 import json
@@ -9,8 +10,8 @@ from .layout import metrics_file
 HIGHER_IS_BETTER = {"perplexity": False, "exact_match": True, "lm_eval": True}  # the suite kinds
 
 
-def load_metrics(name: str, params: dict) -> dict:
-    path = metrics_file(name, params)
+def load_metrics(name: str, params: dict, split: str = "test") -> dict:
+    path = metrics_file(name, params, split)
     try:
         return json.loads(path.read_text())
     except (OSError, ValueError) as exc:

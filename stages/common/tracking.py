@@ -25,6 +25,7 @@ from pathlib import Path
 from .digest import directory_digest, file_sha256
 from .errors import LineageError
 from .layout import model_dir, parents
+from .recipes import recipe_of, search_origin
 
 EXPERIMENT = "mergeforge"
 TAG = "mergeforge."
@@ -182,9 +183,15 @@ def ensure(name: str, params: dict) -> str:
             return mlflow.create_external_model(name=name, tags=tags).model_id
     names = parents(name, params)
     parent_ids = [ensure(p, params) for p in names]
-    spec = params["merges"][name]
+    spec = params["merges"][name] | {"recipe": recipe_of(name, params)}
     tags.update({f"{TAG}method": spec["recipe"]["merge_method"], f"{TAG}dvc_stage": f"merge-{name}",
                  f"{TAG}git_commit": git_commit(), f"{TAG}inputs": ",".join(names)})
+    origin = search_origin(name, params)
+    if origin:  # which search, study and trial found its recipe (the search's run holds every trial)
+        tags.update({f"{TAG}{k}": str(origin[k]) for k in ("search", "study", "trial")})
+        run_ids = search_run_ids(origin["study"])
+        if run_ids:
+            tags[f"{TAG}search_run"] = run_ids[0]
     with mlflow_errors(f"cannot record merge '{name}'"), mlflow.start_run(run_name=f"merge-{name}", tags=tags) as run:
         mlflow.log_params(flatten({k: spec[k] for k in ("recipe", "seed", "device") if k in spec}))
         for parent_id in parent_ids:
@@ -194,20 +201,34 @@ def ensure(name: str, params: dict) -> str:
         return model.model_id
 
 
-def log_metrics(name: str, model_id: str, metrics: dict, suites: dict) -> None:
-    """One evaluation run per model: each score linked to the model and to its task's data file."""
+def search_run_ids(study: str) -> list[str]:
+    """The MLflow runs of a search's study, oldest first (one, unless two workers began it at once)."""
+    import mlflow
+
+    with mlflow_errors(f"cannot search for the run of study '{study}'"):
+        runs = mlflow.search_runs(search_all_experiments=True, filter_string=f"tags.`{TAG}study` = '{study}'",
+                                  output_format="list", order_by=["start_time ASC"])
+    return [r.info.run_id for r in runs if r.data.tags.get(f"{TAG}dvc_stage", "").startswith("search-")
+            and "mlflow.parentRunId" not in r.data.tags]  # not the merge built from it, nor a trial
+
+
+def log_metrics(name: str, model_id: str, metrics: dict, suites: dict, split: str = "test") -> None:
+    """One evaluation run per model and split: each score linked to the model and to the data file
+    it was scored on (test scores as `suite.task.kind`, others with the split's name appended)."""
     import mlflow
     from mlflow.data.dataset_source_registry import resolve_dataset_source
     from mlflow.data.meta_dataset import MetaDataset
 
-    with mlflow_errors(f"cannot log the metrics of '{name}'"), mlflow.start_run(run_name=f"eval-{name}"):
+    suffix = "" if split == "test" else f".{split}"
+    with mlflow_errors(f"cannot log the metrics of '{name}'"), mlflow.start_run(run_name=f"eval-{name}{suffix}"):
         for suite, by_kind in sorted(metrics.items()):
             for kind, scores in by_kind.items():
                 for task, value in sorted(scores.items()):
-                    data = Path(suites[suite]["tasks"][task]).resolve()
-                    dataset = MetaDataset(resolve_dataset_source(str(data)), name=f"{suite}/{task}",
+                    files = suites[suite]["tasks"][task]
+                    data = Path(files.get(split) or files["file"]).resolve()
+                    dataset = MetaDataset(resolve_dataset_source(str(data)), name=f"{suite}/{task}{suffix}",
                                           digest=file_sha256(data)[:16])
-                    mlflow.log_metric(f"{suite}.{task}.{kind}", value, model_id=model_id, dataset=dataset)
+                    mlflow.log_metric(f"{suite}.{task}.{kind}{suffix}", value, model_id=model_id, dataset=dataset)
 
 
 def register(name: str, model_id: str, alias: str) -> int:

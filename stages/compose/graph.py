@@ -17,7 +17,9 @@ from omegaconf import DictConfig
 
 from ..common.errors import ConfigError
 from ..common.layout import (ancestors, metrics_file, model_dir, parents, publish_dir, report_files, roles,
-                             sweep_files)
+                             search_files, sweep_files)
+from ..common.splits import data_files, split_names
+from ..search.space import dimension_names
 
 
 CODE = Path(__file__).resolve().parents[2]  # the folder that holds stages/ and mergekit_ops/
@@ -65,12 +67,14 @@ def _code_deps(package: str) -> tuple[str, ...]:
 
 class Graph:
     """Source models and merges; `inputs[merge]` lists what the merge reads, by name; `recipes`
-    and `sweeps` are the recipe bodies and sweeps of conf/merges, sweeps expanded once."""
+    and `sweeps` are the recipe bodies and sweeps of conf/merges, sweeps expanded once; `searches`
+    the files of conf/searches, each a merge whose recipe its search finds."""
 
     def __init__(self, sources: dict[str, dict], inputs: dict[str, list[str]],
-                 recipes: dict[str, dict] | None = None, sweeps: dict[str, dict] | None = None):
+                 recipes: dict[str, dict] | None = None, sweeps: dict[str, dict] | None = None,
+                 searches: dict[str, dict] | None = None):
         self.sources, self.inputs = sources, inputs
-        self.recipes, self.sweeps = recipes or {}, sweeps or {}
+        self.recipes, self.sweeps, self.searches = recipes or {}, sweeps or {}, searches or {}
         self.models = sorted(sources)
         self.merges = sorted(inputs)
 
@@ -111,7 +115,8 @@ class Graph:
         for name in sorted(wanted):
             visit(name)
         graph = Graph({m: self.sources[m] for m in models}, {m: self.inputs[m] for m in order},
-                      {m: self.recipes[m] for m in order if m in self.recipes}, self.sweeps)
+                      {m: self.recipes[m] for m in order if m in self.recipes}, self.sweeps,
+                      {m: self.searches[m] for m in order if m in self.searches})
         graph.merges = order
         return graph
 
@@ -144,23 +149,42 @@ def render_dvc_yaml(graph: Graph, params: dict, cfg: DictConfig, conf_dir: Path,
             stages[f"fetch-{name}"] = {"cmd": f"python -m stages.fetch {name}", "deps": code("fetch"),
                                        "params": [f"models.{name}.repo_id", f"models.{name}.sha"] + code_key("fetch"),
                                        "outs": [folder(name)]}  # not its license: a card reads that
+    plots = []
+    for name, search in params["searches"].items():
+        files = {kind: str(path) for kind, path in search_files(name, params).items()}
+        stages[f"search-{name}"] = {
+            "cmd": f"python -m stages.search {name}",
+            "deps": (code("search") + [folder(ref) for ref in parents(name, params)]
+                     + [_dep_path(path, root) for path in data_files(search["objective"]["data"], "validation")]),
+            "params": [f"searches.{name}"] + code_key("search"),
+            "outs": [{files["recipe"]: {"cache": False}}],
+            "metrics": [{files["best"]: {"cache": False}}],
+            "plots": [{files["trials"]: {"cache": False}}],
+        }
+        plots.append({f"search-{name}: objective per trial": {
+            "title": f"{name}: validation objective per trial, and the best so far", "template": "linear",
+            "x": "trial", "y": {files["trials"]: ["objective", "best"]}}})
+        for dim in dimension_names(search):
+            plots.append({f"search-{name}: {dim}": {
+                "title": f"{name}: validation objective against {dim}", "template": "scatter",
+                "x": {files["trials"]: dim}, "y": {files["trials"]: "objective"}}})
     for name in graph.merges:
         stages[f"merge-{name}"] = {
             "cmd": f"python -m stages.merge {name}",
-            "deps": code("merge") + [folder(ref) for ref in parents(name, params)],
+            "deps": code("merge") + _found_recipe(name, params) + [folder(ref) for ref in parents(name, params)],
             "params": [f"merges.{name}"] + code_key("merge"),
             "outs": [folder(name)],
         }
-    plots = []
     if params["evaluate"]["suites"]:
-        data = sorted({_dep_path(path, root) for suite in params["evaluate"]["suites"].values()
-                       for path in suite["tasks"].values()})
+        suites = params["evaluate"]["suites"]
+        data = sorted({_dep_path(path, root) for suite in suites.values() for path in data_files(suite)})
         for name in graph.models + graph.merges:
             stages[f"eval-{name}"] = {
                 "cmd": f"python -m stages.evaluate {name}",
                 "deps": code("evaluate") + [folder(name)] + data,
                 "params": ["evaluate.suites"] + code_key("evaluate"),
-                "metrics": [{metrics(name): {"cache": False}}],
+                "metrics": [{str(metrics_file(name, params, split)): {"cache": False}}
+                            for split in reversed(split_names(suites))],
             }
         for name in graph.merges:
             report = {kind: str(path) for kind, path in report_files(name, params).items()}
@@ -192,7 +216,8 @@ def render_dvc_yaml(graph: Graph, params: dict, cfg: DictConfig, conf_dir: Path,
         model = spec["model"]
         stages[f"publish-{target}"] = {
             "cmd": f"python -m stages.publish {target}",
-            "deps": (code("publish") + [folder(m) for m in [model] + parents(model, params)]  # digests on the card
+            "deps": (code("publish") + _found_recipe(model, params)
+                     + [folder(m) for m in [model] + parents(model, params)]  # digests on the card
                      + [folder(m) for m in _unlicensed(model, params)] + [metrics(m) for _, m in roles(model, params)]),
             "params": (["evaluate.baseline", f"publish.{target}"] + _card_params(model, params, target)
                        + code_key("publish")),
@@ -200,6 +225,13 @@ def render_dvc_yaml(graph: Graph, params: dict, cfg: DictConfig, conf_dir: Path,
         }
     stages = {name: {k: v for k, v in stage.items() if v != []} for name, stage in stages.items()}  # no `params: []`
     return yaml.safe_dump({"stages": stages} | ({"plots": plots} if plots else {}), sort_keys=False, width=120)
+
+
+def _found_recipe(name: str, params: dict) -> list[str]:
+    """Where a search found a merge's recipe: the recipe and best trial its search wrote (the merge
+    is built from the one and its record names the other; the card shows both)."""
+    files = search_files(name, params)
+    return [str(files["recipe"]), str(files["best"])] if name in params["searches"] else []
 
 
 def _recipes_read(name: str, params: dict) -> list[str]:

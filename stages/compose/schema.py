@@ -54,16 +54,73 @@ class MergeRecipe:
 
 
 @dataclass
+class Split:
+    """How a task given as one data file splits in two: a seeded shuffle of its items, the first
+    `validation` share for searches to tune on, the rest for the test scores everything reports."""
+
+    validation: float = MISSING  # the share of items, between 0 and 1
+    seed: int = 0
+
+
+@dataclass
 class EvalSuite:
     """conf/eval/NAME.yaml: one evaluation suite, run on every model and merge (stages/evaluate/suites.py)."""
 
     kind: str = MISSING  # perplexity | exact_match | lm_eval
-    tasks: Dict[str, str] = MISSING  # task name -> data file: text, prompt/answer JSONL, lm-eval task YAML
+    # task name -> {validation: FILE, test: FILE}, or one FILE (split by `split`, else test only):
+    # text, prompt/answer JSONL, lm-eval task YAML
+    tasks: Dict[str, Any] = MISSING
+    split: Optional[Split] = None
     limit: Optional[int] = None  # score only the first N documents or cases of each task
     batch_size: int = 16
     max_length: int = 1024  # perplexity: tokens per scored window
     max_new_tokens: int = 32  # exact_match: the generation budget
     metric: str = "acc,none"  # lm_eval: which reported metric is the score
+    description: str = ""
+
+
+@dataclass
+class Objective:
+    """What a search maximises (minimises, for perplexity): one suite's validation scores."""
+
+    suite: str = MISSING  # a suite of conf/eval whose tasks have a validation split
+    aggregate: str = "mean"  # mean | min | max over the suite's tasks
+    weights: Dict[str, float] = field(default_factory=dict)  # task -> weight: a weighted mean instead
+
+
+@dataclass
+class Budget:
+    """When a search stops: after `trials` finished trials, or `minutes` (one or both)."""
+
+    trials: Optional[int] = None
+    minutes: Optional[float] = None
+
+
+@dataclass
+class Pruner:
+    """Stop a trial after a first share of the validation items when it scores below `percentile`
+    of the trials so far at that point (after `startup` finished trials)."""
+
+    fraction: float = 0.25
+    percentile: float = 50.0
+    startup: int = 5
+
+
+@dataclass
+class Search:
+    """conf/searches/NAME.yaml: an Optuna study over a recipe's numbers (stages/search); its best
+    recipe becomes the merge NAME."""
+
+    recipe: Dict[str, Any] = MISSING  # mergekit syntax; any value may be {search: [LOW, HIGH]} or {choice: [...]}
+    objective: Objective = MISSING
+    budget: Budget = field(default_factory=Budget)
+    sampler: str = "tpe"  # tpe | cmaes | gp | random | grid
+    seed: int = 0  # the sampler's, and the draws of the random methods
+    constraints: Optional[List[Any]] = None  # [{sum: [DIMENSION, ...], equals: 1}]
+    pruner: Optional[Pruner] = None
+    device: str = "cpu"  # where trials merge: cpu, cuda or cuda:N
+    in_memory: Optional[bool] = None  # trials merge into memory (null: where the models fit) or through files
+    storage: Optional[str] = None  # an Optuna storage URL (default: a journal file under .mergeforge/searches)
     description: str = ""
 
 
@@ -110,7 +167,7 @@ class Demo:
 @dataclass
 class Config:
     """The composed project: conf/config.yaml plus every file of conf/models, conf/merges, conf/eval
-    (as `suites`) and conf/publish."""
+    (as `suites`), conf/publish and conf/searches."""
 
     paths: Paths = field(default_factory=Paths)
     demo: Demo = field(default_factory=Demo)
@@ -120,6 +177,7 @@ class Config:
     merges: Dict[str, MergeRecipe] = field(default_factory=dict)
     suites: Dict[str, EvalSuite] = field(default_factory=dict)
     publish: Dict[str, PublishTarget] = field(default_factory=dict)
+    searches: Dict[str, Search] = field(default_factory=dict)
 
 
 def register() -> None:

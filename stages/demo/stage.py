@@ -2,18 +2,23 @@
 from it, each on one checkable skill, trained here on one CPU thread (docs/benchmarks.md: how long).
 
 Skills (prompt -> answer, greedy decoding, exact match):
-  add  "add:7+5="          -> "12"    one-digit addition
-  rev  "rev:kqzm="         -> "mzqk"  reverse 3-5 letters
-  get  "get:kqzm="         -> "z"     get the latest in the alphabet of 4-6 letters
+  add  "add:7+5+3="  -> "15"    the sum of three digits
+  rev  "rev:kqzm="   -> "mzqk"  reverse 3-5 letters
+  get  "get:kqzm="   -> "z"     get the latest in the alphabet of 4-6 letters
+Each skill's evaluation prompts (a validation and a test split, disjoint) are drawn first and never
+trained on, by the base or any expert: every score measures generalisation, and a search tuned on
+the validation split is judged on test prompts nothing has seen. A sum of three digits has 1000
+prompts, so 400 held out leave the rest to learn from.
 The base is pre-trained on generic tasks (copy, successor) mixed with a little of each skill (a
 few samples in a thousand to a few in a hundred), long enough to know the prompt format and to get
-add and rev about 2/3 right, get about 1/3: headroom for experts that stay near it. Each expert
-starts from the base and is fine-tuned briefly (200 steps) on its skill with replay of the base's
-mix (one sample in four is its skill), so it gains its skill without moving far from the base:
-three task vectors that a merge can add up. Deterministic: fixed seeds, one thread, deterministic
-kernels; output files carry no timestamps.
+each skill partly right: headroom for experts that stay near it. Each expert starts from the base
+and is fine-tuned briefly (200 steps) on its skill with replay of the base's mix (one sample in
+four is its skill), so it gains its skill without moving far from the base: three task vectors
+that a merge can add up. Deterministic: fixed seeds, one thread, deterministic kernels; output
+files carry no timestamps.
 
-    python -m stages.demo OUT_DIR     (writes OUT_DIR/{base,add,rev,get} and OUT_DIR/eval/*.jsonl)
+    python -m stages.demo OUT_DIR
+    (writes OUT_DIR/{base,add,rev,get} and OUT_DIR/eval/SKILL.{validation,test}.jsonl)
 """
 from __future__ import annotations
 
@@ -35,7 +40,7 @@ VOCAB = [PAD, BOS, EOS] + list(CHARS)
 SHAPE = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
              num_key_value_heads=4, max_position_embeddings=48)
 BASE_STEPS, BASE_LR, EXPERT_STEPS, EXPERT_LR, BATCH, SEED = 1500, 3e-3, 200, 1e-3, 64, 1234
-EVAL_SIZE = 200
+SPLITS = {"validation": 200, "test": 200}  # held-out prompts per skill and split
 
 
 def _letters(rng: random.Random, lo: int, hi: int) -> str:
@@ -43,8 +48,8 @@ def _letters(rng: random.Random, lo: int, hi: int) -> str:
 
 
 def task_add(rng):
-    a, b = rng.randint(0, 9), rng.randint(0, 9)
-    return f"add:{a}+{b}=", str(a + b)
+    digits = [rng.randint(0, 9) for _ in range(3)]
+    return "add:" + "+".join(map(str, digits)) + "=", str(sum(digits))
 
 
 def task_rev(rng):
@@ -68,10 +73,44 @@ def task_next(rng):
 
 
 SKILLS = {"add": task_add, "rev": task_rev, "get": task_get}
-# Pre-training mix, per thousand samples: 20 add, 35 rev, 2 get (learned from far less), the rest
-# generic. Rates chosen so the base is partly right on every skill, leaving each expert room.
-BASE_MIX = [task_add] * 20 + [task_rev] * 35 + [task_get] * 2 + [task_copy, task_next] * 471
-EXPERT_SHARE = 333  # an expert's mix: 333 copies of its skill + BASE_MIX (999): one in four is the skill
+
+
+def held_out() -> dict[str, dict[str, list[tuple[str, str]]]]:
+    """{skill: {split: cases}}: distinct prompts, drawn before any training and never trained on."""
+    out = {}
+    for skill, task in SKILLS.items():
+        rng, seen, cases = random.Random(f"held-out-{skill}"), set(), []
+        while len(cases) < sum(SPLITS.values()):
+            prompt, answer = task(rng)
+            if prompt not in seen:
+                seen.add(prompt)
+                cases.append((prompt, answer))
+        out[skill], start = {}, 0
+        for split, n in SPLITS.items():
+            out[skill][split], start = cases[start:start + n], start + n
+    return out
+
+
+_HELD_PROMPTS = {p for splits in held_out().values() for cases in splits.values() for p, _ in cases}
+
+
+def trained(task):
+    """The task with every held-out prompt drawn again."""
+    def draw(rng):
+        while True:
+            prompt, answer = task(rng)
+            if prompt not in _HELD_PROMPTS:
+                return prompt, answer
+    return draw
+
+
+ADD, REV, GET, COPY, NEXT = map(trained, (task_add, task_rev, task_get, task_copy, task_next))
+TRAIN = {"add": ADD, "rev": REV, "get": GET}
+# Pre-training mix, per thousand samples: ADD_RATE add, 35 rev, 2 get (learned from far less), the
+# rest generic. Rates chosen so the base is partly right on every skill, leaving each expert room.
+ADD_RATE = 40
+BASE_MIX = [ADD] * ADD_RATE + [REV] * 35 + [GET] * 2 + [COPY, NEXT] * ((1000 - ADD_RATE - 37) // 2)
+EXPERT_SHARE = len(BASE_MIX) // 3  # an expert's mix: this many copies of its skill + BASE_MIX: one in four is the skill
 
 
 def encode(text: str) -> list[int]:
@@ -119,11 +158,6 @@ def accuracy(model, cases: list[tuple[str, str]]) -> float:
         text = "".join(VOCAB[i] for i in out[0, ids.shape[1]:].tolist() if VOCAB[i] not in (EOS, PAD))
         hits += text == answer
     return hits / len(cases)
-
-
-def eval_cases(skill: str) -> list[tuple[str, str]]:
-    rng = random.Random(f"eval-{skill}")
-    return [SKILLS[skill](rng) for _ in range(EVAL_SIZE)]
 
 
 def _starts_with(token: str) -> dict:
@@ -179,19 +213,23 @@ def build(out_dir: str) -> None:
     train(model, BASE_MIX, BASE_STEPS, BASE_LR, SEED)
     save(model, root / "base")
     base_state = {k: v.clone() for k, v in model.state_dict().items()}
-    report = {"base": {s: accuracy(model, eval_cases(s)[:50]) for s in SKILLS}}
+    held = held_out()
+    report = {"base": {s: accuracy(model, held[s]["validation"][:50]) for s in SKILLS}}
     for i, skill in enumerate(SKILLS):
         model.load_state_dict(base_state)
-        train(model, [SKILLS[skill]] * EXPERT_SHARE + BASE_MIX, EXPERT_STEPS, EXPERT_LR, SEED + 1 + i)
+        train(model, [TRAIN[skill]] * EXPERT_SHARE + BASE_MIX, EXPERT_STEPS, EXPERT_LR, SEED + 1 + i)
         save(model, root / skill)
-        report[skill] = {s: accuracy(model, eval_cases(s)[:50]) for s in SKILLS}
+        report[skill] = {s: accuracy(model, held[s]["validation"][:50]) for s in SKILLS}
     evals = root / "eval"
-    evals.mkdir(exist_ok=True)
-    for skill in SKILLS:
-        lines = [json.dumps({"prompt": p, "answer": a}) for p, a in eval_cases(skill)]
-        (evals / f"{skill}.jsonl").write_text("\n".join(lines) + "\n")
-    print(f"demo models written to {root} in {time.monotonic() - start:.0f} s; accuracy on 50 prompts each:",
-          file=sys.stderr)
+    if evals.exists():  # files of an older layout must not linger
+        shutil.rmtree(evals)
+    evals.mkdir()
+    for skill, splits in held.items():
+        for split, cases in splits.items():
+            lines = [json.dumps({"prompt": p, "answer": a}) for p, a in cases]
+            (evals / f"{skill}.{split}.jsonl").write_text("\n".join(lines) + "\n")
+    print(f"demo models written to {root} in {time.monotonic() - start:.0f} s; accuracy on 50 validation "
+          "prompts each:", file=sys.stderr)
     for name, accs in report.items():
         print(f"  {name:5s} " + "  ".join(f"{s} {a:.2f}" for s, a in accs.items()), file=sys.stderr)
 

@@ -14,6 +14,7 @@ differences are taken from is shown as the base. Writes artifacts/reports/NAME/:
 """
 from __future__ import annotations
 
+import math
 import sys
 from pathlib import Path
 
@@ -24,6 +25,7 @@ from ..common.errors import EvalError
 from ..common.layout import metrics_file, report_dir, report_files, roles
 from ..common.metrics import HIGHER_IS_BETTER, load_metrics
 from ..common.stage_cli import in_section, run_stage
+from .suites import read_cases, split_items
 
 
 def compare(name: str, params: dict) -> dict:
@@ -84,22 +86,50 @@ def write(name: str, params: dict) -> Path:
 
 
 def leaderboard(params: dict) -> str:
-    """Every evaluated model and merge on every task, with each suite's mean where higher is better."""
+    """Every evaluated model and merge on every task of the test split, with each suite's mean
+    where higher is better: its standard error (exact match, from the number of test items) and,
+    where the suite has one, the mean on the validation split (what searches tune on) beside it."""
     names = [n for n in list(params["models"]) + list(params["merges"]) if metrics_file(n, params).is_file()]
     if not names:
         raise EvalError("no metrics yet: `dvc repro` evaluates every model and merge")
     metrics = {n: load_metrics(n, params) for n in names}
+    validation = {n: load_metrics(n, params, "validation") if metrics_file(n, params, "validation").is_file() else {}
+                  for n in names}
     columns = sorted({(suite, kind, task) for m in metrics.values() for suite, by_kind in m.items()
                       for kind, scores in by_kind.items() for task in scores})
     means = sorted({(suite, kind) for suite, kind, _ in columns if HIGHER_IS_BETTER[kind]})
-    head = ["model"] + [f"{s}/{t}" for s, _, t in columns] + [f"{s} mean" for s, _ in means]
+    counts = {(s, t): count_test_items(params["evaluate"]["suites"][s], t) for s, k, t in columns
+              if k == "exact_match" and s in params["evaluate"]["suites"]}
+    head = ["model"] + [f"{s}/{t}" for s, _, t in columns]
+    for s, k in means:
+        n = [counts[(s, t)] for s2, _, t in columns if s2 == s and (s, t) in counts]
+        head += [f"{s} mean" + (f" ± SE (n = {sum(n)})" if n else ""), f"{s} validation mean"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for n in names:
         got = metrics[n]
         cells = [_fmt(got.get(s, {}).get(k, {}).get(t)) for s, k, t in columns]
-        cells += [_fmt(sum(v) / len(v)) if (v := list(got.get(s, {}).get(k, {}).values())) else "n/a" for s, k in means]
+        for s, k in means:
+            scores = got.get(s, {}).get(k, {})
+            mean = _fmt(sum(scores.values()) / len(scores)) if scores else "n/a"
+            se = standard_error(scores, {t: counts.get((s, t)) for t in scores})
+            cells.append(mean + (f" ± {se:.3f}" if se is not None else ""))
+            held = validation[n].get(s, {}).get(k, {})
+            cells.append(_fmt(sum(held.values()) / len(held)) if held else "n/a")
         lines.append(f"| {n} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def standard_error(scores: dict[str, float], counts: dict[str, int | None]) -> float | None:
+    """The standard error of the mean of accuracies over tasks, each over its own n items:
+    sqrt(sum p(1-p)/n) / tasks; None when a count is unknown."""
+    if not scores or any(not counts.get(t) for t in scores):
+        return None
+    return math.sqrt(sum(p * (1 - p) / counts[t] for t, p in scores.items())) / len(scores)
+
+
+def count_test_items(suite: dict, task: str) -> int:
+    """How many items the test split of an exact-match task holds (after the suite's limit)."""
+    return len(split_items(suite, task, "test", read_cases))
 
 
 def main(argv: list[str] | None = None) -> int:

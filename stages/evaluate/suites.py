@@ -1,6 +1,7 @@
 """The evaluation harness: what a suite of conf/eval measures on one model directory.
 
-Suite kinds (each task names a data file):
+Suite kinds (each task names a data file per split, or one file split by a seeded share; see
+stages/compose/eval_conf.py):
   perplexity   text file, one document per non-empty line: exp(summed token NLL / predicted tokens),
                each document scored from its first token in windows of `max_length` (lower is better)
   exact_match  JSONL of {"prompt", "answer"}: greedy decoding, the answer compared after stripping
@@ -14,12 +15,14 @@ from __future__ import annotations
 
 import json
 import math
+import random
 from pathlib import Path
 
 import torch
 
 from ..common.errors import EvalError
 from ..common.metrics import HIGHER_IS_BETTER
+from ..common.splits import has_split
 
 
 def load(model_dir: Path):
@@ -126,17 +129,35 @@ def _yaml_task_name(path: Path) -> str:
         raise EvalError(f"{path}: an lm-eval task YAML with a 'task' key is needed") from None
 
 
-def run_suite(name: str, suite: dict, model, tok) -> dict[str, float]:
-    """{task: score} for one suite."""
+def split_items(suite: dict, task: str, split: str, read) -> list:
+    """The items of one split of a task, `read` from its file: a one-file task's items shuffled by
+    the suite's seed, the first `split.validation` share validation and the rest test, each in file
+    order; then the suite's `limit`."""
+    data = suite["tasks"][task]
+    if "file" not in data:
+        return read(data[split])[:suite.get("limit")]
+    items = read(data["file"])
+    order = list(range(len(items)))
+    random.Random(f"{suite['split']['seed']}\0{task}").shuffle(order)
+    cut = round(suite["split"]["validation"] * len(items))
+    chosen = sorted(order[:cut] if split == "validation" else order[cut:])
+    if not chosen:
+        raise EvalError(f"{data['file']}: {len(items)} items leave its {split} split empty")
+    return [items[i] for i in chosen][:suite.get("limit")]
+
+
+def run_suite(name: str, suite: dict, model, tok, split: str = "test") -> dict[str, float]:
+    """{task: score} for one split of a suite, over the tasks that have that split."""
     kind, scores = suite["kind"], {}
-    for task, path in sorted(suite["tasks"].items()):
+    for task in sorted(t for t in suite["tasks"] if has_split(suite, t, split)):
         if kind == "perplexity":
-            docs = read_lines(path)[:suite.get("limit")]
+            docs = split_items(suite, task, split, read_lines)
             scores[task] = perplexity(model, tok, docs, suite["max_length"], suite["batch_size"])
         elif kind == "exact_match":
-            cases = read_cases(path)[:suite.get("limit")]
+            cases = split_items(suite, task, split, read_cases)
             scores[task] = exact_match(model, tok, cases, suite["max_new_tokens"], suite["batch_size"])
         elif kind == "lm_eval":
+            path = suite["tasks"][task][split]
             scores[task] = lm_eval_score(model, tok, path, suite["metric"], suite.get("limit"), suite["batch_size"])
         else:
             raise EvalError(f"conf/eval/{name}.yaml: key 'kind': one of {', '.join(HIGHER_IS_BETTER)}, got {kind!r}")

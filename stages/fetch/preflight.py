@@ -67,7 +67,7 @@ def check_model(name: str, meta: ModelMeta, params: dict) -> None:
     """Check `meta` (model `name`) against the other inputs of every recipe that reads it."""
     metas = {name: meta}
     for merge, spec in params["merges"].items():
-        if name not in spec["inputs"]:
+        if name not in spec["inputs"] or "recipe" not in spec:  # a search's recipe is known once it has run
             continue
         recipe = parse_recipe(spec["recipe"], f"conf/merges/{merge}.yaml")
         others = {}
@@ -90,9 +90,9 @@ def _leaf(ref: str, params: dict) -> str | None:
     seen = set()
     while ref in params["merges"] and ref not in seen:
         seen.add(ref)
-        body = params["merges"][ref]["recipe"]
-        if not body.get("models") or body.get("tokenizer_source") or body.get("tokenizer"):
-            return None  # a frankenmerge, or a vocabulary of its own: known only once built
+        body = params["merges"][ref].get("recipe")
+        if body is None or not body.get("models") or body.get("tokenizer_source") or body.get("tokenizer"):
+            return None  # a search, a frankenmerge, or a vocabulary of its own: known only once built
         first = body["models"][0]
         ref = body.get("base_model") or (first["model"] if isinstance(first, dict) else first)
     return ref if ref in params["models"] else None

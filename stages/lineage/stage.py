@@ -41,7 +41,10 @@ def describe(model, with_id: bool = True) -> str:
     card leaves it out to stay the same on every machine)."""
     tags = model.tags
     digest = tags.get(f"{TAG}digest", "?")[:19]
-    if f"{TAG}method" in tags:
+    if f"{TAG}search" in tags:
+        found = f"found by search {tags[f'{TAG}search']}, trial {tags.get(f'{TAG}trial')}"
+        what = f"merge ({tags[f'{TAG}method']}, {found})"
+    elif f"{TAG}method" in tags:
         what = f"merge ({tags[f'{TAG}method']})"
     elif tags.get(f"{TAG}source") == "hub":
         what = f"hub {tags.get(f'{TAG}repo_id')} @ {tags.get(f'{TAG}sha', '?')}"

@@ -1,5 +1,5 @@
-"""merge stage: build one recipe of conf/merges with mergekit_ops into artifacts/merges/NAME and
-record it in MLflow (its parents as model inputs).
+"""merge stage: build one recipe of conf/merges (or the one a search of conf/searches found) with
+mergekit_ops into artifacts/merges/NAME and record it in MLflow (its parents as model inputs).
 
 The recipe names its inputs (models of conf/models, other recipes); params.yaml maps each name
 to the artifact directory DVC tracks for it.
@@ -16,8 +16,9 @@ from mergekit_ops import MergeError, MergeOptions, ProgressBar, merge, parse_rec
 
 from ..common import tracking
 from ..common.digest import remember
-from ..common.errors import LineageError
-from ..common.layout import merge_dir
+from ..common.errors import EvalError, LineageError
+from ..common.layout import merge_dir, search_files
+from ..common.recipes import recipe_of
 from ..common.stage_cli import in_section, run_stage
 
 
@@ -25,7 +26,8 @@ def build(name: str, params: dict, progress: bool = False) -> Path:
     """Merge, then record the merge in MLflow; a merge that cannot be recorded is removed (MLflow is
     opened first, so an unreachable store fails before any work)."""
     spec = params["merges"][name]
-    recipe = parse_recipe(spec["recipe"], f"conf/merges/{name}.yaml")
+    source = f"conf/merges/{name}.yaml" if "recipe" in spec else str(search_files(name, params)["recipe"])
+    recipe = parse_recipe(recipe_of(name, params), source)
     recipe.rename_models(spec["inputs"])
     out = merge_dir(name, params)
     tracking.connect()
@@ -48,4 +50,4 @@ def build(name: str, params: dict, progress: bool = False) -> Path:
 def main(argv: list[str] | None = None) -> int:
     return run_stage(argv, "stages.merge", "recipe", in_section("merges"),
                      lambda name, params: f"merged {name} into {build(name, params, sys.stderr.isatty())}",
-                     (MergeError, LineageError))
+                     (MergeError, LineageError, EvalError))

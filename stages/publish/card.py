@@ -7,6 +7,7 @@ import yaml
 
 from ..common.errors import PublishError
 from ..common.layout import model_dir, parents
+from ..common.recipes import recipe_of, search_origin
 
 
 def hub_id(name: str, params: dict) -> str | None:
@@ -55,7 +56,7 @@ def build_card(target: str, params: dict, comparison: dict, lineage: list[str], 
 
     spec = params["publish"][target]
     name = spec["model"]
-    recipe = params["merges"][name]["recipe"]
+    recipe = recipe_of(name, params)
     results = [EvalResult(task_type="text-generation", dataset_type=f"{t['suite']}/{t['task']}",
                           dataset_name=f"{t['suite']}/{t['task']}", metric_type=t["kind"],
                           metric_value=round(t["scores"][name], 6))
@@ -71,7 +72,7 @@ def build_card(target: str, params: dict, comparison: dict, lineage: list[str], 
 def _body(data, name: str, params: dict, comparison: dict, lineage: list[str], digests: dict[str, str]) -> str:
     from ..evaluate.report import markdown
 
-    spec = params["merges"][name]
+    spec = params["merges"][name] | {"recipe": recipe_of(name, params)}
     ours = {"seed": spec["seed"]} if spec.get("seed") else {}
     ours |= {"device": spec["device"]} if spec["device"] != "cpu" else {}  # the last bits depend on it
     recipe = yaml.safe_dump(spec["recipe"] | ours, sort_keys=False)
@@ -81,9 +82,18 @@ def _body(data, name: str, params: dict, comparison: dict, lineage: list[str], d
         "---", data.to_yaml(), "---", "",
         f"# {data.model_name}", "",
         f"A `{spec['recipe']['merge_method']}` merge of {', '.join(f'`{p}`' for p in parents(name, params))}, "
-        "built with mergeforge from the recipe below.", "",
+        "built with mergeforge from the recipe below." + _found(name, params), "",
         "## Recipe", "", "```yaml", recipe.rstrip(), "```", "",
         "## Lineage", "", "```", *lineage, "```", "",
         "## Evaluation", "", table.rstrip(), "",
         "## Content digests", "", "| model | sha256 of its files |", "|---|---|", digest_rows, "",
     ])
+
+
+def _found(name: str, params: dict) -> str:
+    origin = search_origin(name, params)
+    if not origin:
+        return ""
+    return (f" The recipe was found by the search `{origin['search']}`: trial {origin['trial']}, the best of "
+            f"{origin['trials']}, tuned on validation prompts (objective {origin['objective']:.4g}); the scores "
+            "below are on test prompts no trial saw.")
