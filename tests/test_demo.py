@@ -28,7 +28,8 @@ def two_runs(tmp_path_factory):
 @pytest.mark.slow
 def test_demo_training_is_byte_identical_across_runs(two_runs):
     a, b = (_digests(r) for r in two_runs)
-    assert {"base/model.safetensors", "add/model.safetensors", "rev/tokenizer.json", "eval/get.jsonl"} <= set(a)
+    assert {"base/model.safetensors", "add/model.safetensors", "rev/tokenizer.json", "eval/get.test.jsonl",
+            "eval/get.validation.jsonl"} <= set(a)
     assert a == b
 
 
@@ -41,3 +42,22 @@ def test_demo_tokenizer_round_trips_every_character(two_runs):
     tok = PreTrainedTokenizerFast.from_pretrained(str(two_runs[0] / "base"))
     assert tok(CHARS, add_special_tokens=False)["input_ids"] == encode(CHARS)
     assert tok.decode(encode("get:a4,k7?k=")) == "get:a4,k7?k="
+
+
+def test_held_out_prompts_are_distinct_and_never_drawn_for_training(seed):
+    """Every skill's validation and test prompts are disjoint, and the training draws of the base's
+    mix and every expert's skill never produce one."""
+    import random
+
+    from stages.demo.stage import BASE_MIX, SPLITS, TRAIN, held_out
+
+    held = held_out()
+    prompts = set()
+    for skill, splits in held.items():
+        assert {s: len(c) for s, c in splits.items()} == SPLITS
+        these = [p for cases in splits.values() for p, _ in cases]
+        assert len(set(these)) == len(these)
+        prompts |= set(these)
+    rng = random.Random(seed)
+    drawn = {task(rng)[0] for task in list(TRAIN.values()) * 3000 + BASE_MIX * 20}
+    assert any(p.startswith("add:") for p in drawn) and not drawn & prompts

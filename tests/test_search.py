@@ -110,7 +110,7 @@ def test_the_best_recipe_builds_byte_identically_to_a_merge_of_the_same_yaml(pro
 
 
 @pytest.mark.slow
-def test_the_search_and_its_trials_are_mlflow_runs_and_the_merge_names_its_trial(project):
+def test_the_search_and_its_trials_are_mlflow_runs_and_the_merge_names_its_trial(project, monkeypatch):
     import mlflow
 
     _search(project)
@@ -118,8 +118,9 @@ def test_the_search_and_its_trials_are_mlflow_runs_and_the_merge_names_its_trial
     _, best, rows = _results(project)
     lineage = run([sys.executable, "-m", "stages.lineage", "s"], project).stdout
     assert lineage.startswith(f"s  merge (task_arithmetic, found by search s, trial {best['trial']})")
-    mlflow.set_tracking_uri(f"sqlite:///{project / 'mlflow.db'}")
-    runs = mlflow.search_runs(search_all_experiments=True, output_format="list")
+    client = mlflow.MlflowClient(f"sqlite:///{project / 'mlflow.db'}")  # not set_tracking_uri: it exports it
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    runs = client.search_runs(experiments)
     parents = [r for r in runs if r.data.tags.get("mergeforge.dvc_stage") == "search-s"]
     assert len(parents) == 1 and parents[0].data.tags["mergeforge.best_trial"] == str(best["trial"])
     trials = {int(r.data.tags["mergeforge.trial"]): r for r in runs
@@ -130,7 +131,12 @@ def test_the_search_and_its_trials_are_mlflow_runs_and_the_merge_names_its_trial
         assert got.metrics["objective"] == row["objective"] and got.metrics["seconds"] > 0
         assert float(got.params["x.weight"]) == row["x.weight"] and got.metrics["validation.one"] == row["one"]
     assert [n for n, r in trials.items() if r.data.tags.get("mergeforge.best") == "true"] == [best["trial"]]
-    model = mlflow.search_logged_models(filter_string="name = 's'", output_format="list")[0]
+    from stages.publish.card import _found
+
+    monkeypatch.chdir(project)  # params.yaml paths are the project's
+    card = _found("s", yaml.safe_load((project / "params.yaml").read_text()))
+    assert f"search `s`: trial {best['trial']}, the best of 8" in card
+    model = client.search_logged_models(experiments, filter_string="name = 's'")[0]
     assert model.tags["mergeforge.search"] == "s" and model.tags["mergeforge.trial"] == str(best["trial"])
     assert model.tags["mergeforge.search_run"] == parents[0].info.run_id
 
