@@ -79,9 +79,16 @@ def test_dry_run_stages_card_receipt_and_registers_the_alias(project):
     assert "device:" not in card.text  # cpu, the default, goes unsaid
     model = tracking.find("soup")
     version = mlflow.MlflowClient().get_model_version_by_alias("soup", "candidate")
-    assert version.source == f"models:/{model.model_id}" and receipt["registry"]["version"] == int(version.version)
+    assert version.source == f"models:/{model.model_id}"
+    assert receipt["registry"] == {"name": "soup", "alias": "candidate"}  # versions are the store's alone
     publish("hub", project)  # the same model: the alias keeps its version
     assert mlflow.MlflowClient().get_model_version_by_alias("soup", "candidate").version == version.version
+    first = (out / "receipt.json").read_bytes()
+    mlflow.MlflowClient().delete_registered_model("soup")  # as a teammate's fresh store: other versions
+    mlflow.register_model(f"models:/{model.model_id}", "soup")
+    publish("hub", project)  # registers it as version 2 now
+    assert mlflow.MlflowClient().get_model_version_by_alias("soup", "candidate").version != version.version
+    assert (out / "receipt.json").read_bytes() == first
     project["merges"]["soup"]["device"] = "cuda"  # as if built on a GPU, whose last bits may differ
     publish("hub", project)
     assert "device: cuda" in ModelCard.load(out / "repo/README.md").text

@@ -66,11 +66,14 @@ def publish(target: str, params: dict) -> str:
             _tag(model_id, {f"{tracking.TAG}gates.{target}": "failed"})
             message = f"NOT published: '{name}' failed the gates of conf/publish/{target}.yaml: " + "; ".join(failures)
         else:
-            receipt["registry"] = {"name": name, "alias": spec["alias"],
-                                   "version": tracking.register(name, model_id, spec["alias"])}
+            # the version is the local store's count: it stays in MLflow, so the receipt (and dvc.lock)
+            # are the same bytes for this build on every machine
+            version = tracking.register(name, model_id, spec["alias"])
+            receipt["registry"] = {"name": name, "alias": spec["alias"]}
             staged = _stage(target, params, comparison, model_id, tmp / "repo")
             receipt["files"] = {rel: file_sha256(staged / rel) for rel in sorted(artifact_files(staged))}
-            message = f"staged {name} for {spec['repo_id']} in {out / 'repo'} (dry run: `push: true` uploads it)"
+            message = (f"staged {name} (registered as version {version}, alias {spec['alias']}) for "
+                       f"{spec['repo_id']} in {out / 'repo'} (dry run: `push: true` uploads it)")
             if spec["push"]:
                 pushed = push(staged, spec["repo_id"], spec["private"], f"mergeforge: {name} ({digest})")
                 receipt["hub"] = pushed
