@@ -129,6 +129,9 @@ def test_sweep_builds_one_recipe_per_value_and_a_curve_stage(tmp_path):
     assert "artifacts/eval/ta-2.json" in dvc["stages"]["sweep-ta"]["deps"]
     curve = [p for p in dvc["plots"] if "artifacts/reports/ta/sweep.json" in p][0]
     assert curve["artifacts/reports/ta/sweep.json"]["y"] == ["qa/x", "qa/y"]
+    # each chart once: a file drawn by a top-level plot is not also a stage's plot (DVC drew both)
+    assert not [name for name, stage in dvc["stages"].items() if "plots" in stage]
+    assert {"artifacts/reports/ta/sweep.json": {"cache": False}} in dvc["stages"]["sweep-ta"]["outs"]
 
 
 @pytest.mark.parametrize("merges, config, evals, publish, pattern", [

@@ -157,9 +157,8 @@ def render_dvc_yaml(graph: Graph, params: dict, cfg: DictConfig, conf_dir: Path,
             "deps": (code("search") + [folder(ref) for ref in parents(name, params)]
                      + [_dep_path(path, root) for path in data_files(search["objective"]["data"], "validation")]),
             "params": [f"searches.{name}"] + code_key("search"),
-            "outs": [{files["recipe"]: {"cache": False}}],
+            "outs": [{files["recipe"]: {"cache": False}}, {files["trials"]: {"cache": False}}],  # plots: below
             "metrics": [{files["best"]: {"cache": False}}],
-            "plots": [{files["trials"]: {"cache": False}}],
         }
         plots.append({f"search-{name}: objective per trial": {
             "title": f"{name}: validation objective per trial, and the best so far", "template": "linear",
@@ -192,9 +191,9 @@ def render_dvc_yaml(graph: Graph, params: dict, cfg: DictConfig, conf_dir: Path,
                 "cmd": f"python -m stages.evaluate.report {name}",
                 "deps": code("evaluate") + [metrics(m) for _, m in roles(name, params)],
                 "params": ["evaluate.baseline"] + _recipes_read(name, params) + code_key("evaluate"),
-                "outs": [{report["table"]: {"cache": False}}],
+                # scores.json is drawn by the top-level plot below: declared a plot here too, DVC drew it twice
+                "outs": [{report["table"]: {"cache": False}}, {report["scores"]: {"cache": False}}],
                 "metrics": [{report["retention"]: {"cache": False}}],
-                "plots": [{report["scores"]: {"cache": False}}],
             }
             plots.append({report["scores"]: {"title": f"{name}: merge vs parents and base", "template":
                           "bar_horizontal", "x": "score", "y": "label"}})
@@ -207,8 +206,7 @@ def render_dvc_yaml(graph: Graph, params: dict, cfg: DictConfig, conf_dir: Path,
                 "cmd": f"python -m stages.evaluate.sweep {name}",
                 "deps": code("evaluate") + [metrics(m) for m in sweep["recipes"]],
                 "params": [f"sweeps.{name}"] + code_key("evaluate"),
-                "outs": [{str(files["table"]): {"cache": False}}],
-                "plots": [{curve: {"cache": False}}],
+                "outs": [{str(files["table"]): {"cache": False}}, {curve: {"cache": False}}],  # plotted below
             }
             plots.append({curve: {"title": f"{name}: score against {sweep['key']}", "template": "linear",
                                   "x": "value", "y": tasks}})
