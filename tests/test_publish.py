@@ -4,6 +4,7 @@ through a mocked hub (the exact calls, no commit when nothing changed, stale sha
 never writes the token anywhere."""
 import hashlib
 import json
+import os
 import random
 from pathlib import Path
 from unittest import mock
@@ -204,3 +205,13 @@ def test_push_without_a_token_says_how_to_give_one(project, monkeypatch):
     project["publish"]["hub"]["push"] = True
     with pytest.raises(PublishError, match="needs a hub token: set HF_TOKEN"):
         publish("hub", project)
+
+
+def test_an_experiment_stages_but_registers_nothing(project, monkeypatch):
+    monkeypatch.setenv("DVC_EXP_NAME", "exp-" + random.randbytes(3).hex())
+    message = publish("hub", project)
+    assert f"experiment {os.environ['DVC_EXP_NAME']}: not registered" in message
+    receipt = json.loads(Path("artifacts/publish/hub/receipt.json").read_text())
+    assert receipt["experiment"] == os.environ["DVC_EXP_NAME"] and "registry" not in receipt
+    assert Path("artifacts/publish/hub/repo/README.md").is_file()
+    assert mlflow.MlflowClient().search_registered_models() == []

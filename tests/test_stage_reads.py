@@ -153,3 +153,26 @@ def test_a_new_score_of_the_base_reruns_publish_and_reaches_the_card(built):
     assert ran == {"compose", "eval-c", "report-soup", "report-mix", "report-sw-1", "report-sw-2", "report-se",
                    "publish-pub"}  # se (a search's merge) has no base_model either: c is its baseline too
     assert score() != before and f"| {score():.4g} |" in _card(project).split("## Evaluation")[1]
+
+
+def test_an_experiment_leaves_the_registry_as_it_was(built):
+    """`dvc exp run` builds, evaluates and stages like `dvc repro`, but registers nothing and moves
+    no alias; the models it makes are tagged with the experiment's name."""
+    import mlflow
+
+    project, env, _ = built
+    run(["git", "add", "-A"], project)
+    run(["git", "commit", "-qm", "built"], project)
+    client = mlflow.MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
+    versions = lambda: sorted((v.version, v.source) for v in client.search_model_versions("name = 'mix'"))  # noqa: E731
+    before, alias = versions(), client.get_model_version_by_alias("mix", "candidate").version
+    proc = run(["dvc", "exp", "run", "-n", "lighter", "-S", "conf/merges/soup.yaml:models.0.parameters.weight=0.5"],
+               project, env)
+    assert "Running stage 'publish-pub'" in proc.stdout and "experiment lighter: not registered" in proc.stderr
+    assert versions() == before and client.get_model_version_by_alias("mix", "candidate").version == alias
+    receipt = json.loads((project / "artifacts/publish/pub/receipt.json").read_text())
+    assert receipt["experiment"] == "lighter" and "registry" not in receipt
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    newest = client.search_logged_models(experiments, filter_string="name = 'mix'",
+                                         order_by=[{"field_name": "creation_timestamp", "ascending": False}])[0]
+    assert newest.tags["mergeforge.experiment"] == "lighter"

@@ -177,6 +177,8 @@ def ensure(name: str, params: dict) -> str:
     if existing is not None:
         return existing.model_id
     tags = {f"{TAG}name": name, f"{TAG}digest": digest, f"{TAG}path": str(path)}
+    if experiment():  # made by `dvc exp run`: say which experiment
+        tags[f"{TAG}experiment"] = experiment()
     with mlflow_errors(f"cannot record model '{name}'"):
         if name not in params["merges"]:
             tags.update({f"{TAG}{k}": str(v) for k, v in params["models"][name].items() if k != "path"})
@@ -199,6 +201,12 @@ def ensure(name: str, params: dict) -> str:
         model = mlflow.initialize_logged_model(name=name, source_run_id=run.info.run_id, tags=tags)
         mlflow.finalize_logged_model(model.model_id, "READY")
         return model.model_id
+
+
+def experiment() -> str | None:
+    """The name of the DVC experiment this stage runs in (`dvc exp run` sets DVC_EXP_NAME for its
+    stages), or None for a plain `dvc repro`."""
+    return os.environ.get("DVC_EXP_NAME") or None
 
 
 def search_run_ids(study: str) -> list[str]:

@@ -6,7 +6,9 @@ Writes artifacts/publish/TARGET/ (atomically):
   receipt.json   the gates' verdict, each staged file's sha256 and, after a push, the commit and URL
 A model that fails a gate is not staged, registered or pushed: the stage says which metric failed
 and writes a receipt saying so (it does not fail the build: the rest of the pipeline goes on).
-A model that passes is registered in MLflow's model registry with the target's alias.
+A model that passes is registered in MLflow's model registry with the target's alias. Inside
+`dvc exp run` it is staged only: an experiment neither registers, moves an alias nor pushes (the
+registry and the hub follow `dvc repro`, the builds of a branch), and the receipt names it.
 
     python -m stages.publish TARGET
 """
@@ -66,15 +68,23 @@ def publish(target: str, params: dict) -> str:
             _tag(model_id, {f"{tracking.TAG}gates.{target}": "failed"})
             message = f"NOT published: '{name}' failed the gates of conf/publish/{target}.yaml: " + "; ".join(failures)
         else:
-            # the version is the local store's count: it stays in MLflow, so the receipt (and dvc.lock)
-            # are the same bytes for this build on every machine
-            version = tracking.register(name, model_id, spec["alias"])
-            receipt["registry"] = {"name": name, "alias": spec["alias"]}
+            experiment = tracking.experiment()
+            if experiment:  # an experiment moves no production state
+                receipt["experiment"] = experiment
+            else:
+                # the version is the local store's count: it stays in MLflow, so the receipt (and
+                # dvc.lock) are the same bytes for this build on every machine
+                version = tracking.register(name, model_id, spec["alias"])
+                receipt["registry"] = {"name": name, "alias": spec["alias"]}
             staged = _stage(target, params, comparison, model_id, tmp / "repo")
             receipt["files"] = {rel: file_sha256(staged / rel) for rel in sorted(artifact_files(staged))}
-            message = (f"staged {name} (registered as version {version}, alias {spec['alias']}) for "
-                       f"{spec['repo_id']} in {out / 'repo'} (dry run: `push: true` uploads it)")
-            if spec["push"]:
+            if experiment:
+                message = (f"staged {name} for {spec['repo_id']} in {out / 'repo'}; experiment {experiment}: "
+                           "not registered" + (" nor pushed" if spec["push"] else ""))
+            else:
+                message = (f"staged {name} (registered as version {version}, alias {spec['alias']}) for "
+                           f"{spec['repo_id']} in {out / 'repo'} (dry run: `push: true` uploads it)")
+            if spec["push"] and not experiment:
                 pushed = push(staged, spec["repo_id"], spec["private"], f"mergeforge: {name} ({digest})")
                 receipt["hub"] = pushed
                 _tag(model_id, {f"{tracking.TAG}hub.commit": pushed["head"], f"{tracking.TAG}hub.url": pushed["url"]})
