@@ -350,3 +350,17 @@ def test_constraints_and_gradients_shape_the_recipe(seed):
     assert body["models"][0]["parameters"]["density"] == [values[f"x.density.{i}"] for i in range(3)]
     assert body["parameters"]["lambda"] == values["lambda"]
     assert recipe["models"][0]["parameters"]["weight"] == {"search": [0, 2]}  # the template is not changed
+
+
+def test_trial_folders_of_killed_workers_are_removed_and_live_ones_kept(tmp_path):
+    from stages.search.trials import remove_leftovers
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    gone = tmp_path / f"trial-{dead.pid}-abc"
+    live = tmp_path / f"trial-{os.getpid()}-def"
+    for folder in (gone, live):
+        (folder / "model").mkdir(parents=True)
+        (folder / "model" / "model.safetensors").write_bytes(b"x")
+    remove_leftovers(tmp_path)
+    assert not gone.exists() and live.is_dir()

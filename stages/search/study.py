@@ -21,7 +21,7 @@ from ..common.digest import directory_digest, file_sha256
 from ..common.errors import EvalError, SearchError
 from ..common.splits import data_files
 from .space import Space
-from .trials import Pruned
+from .trials import Pruned, alive
 
 MAX_ERRORS_IN_A_ROW = 3
 WORKER = "mergeforge.worker"  # a trial's user attribute: "host:pid" of the worker that runs it
@@ -95,20 +95,10 @@ def fail_orphans(study) -> list[int]:
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         owner = str(trial.user_attrs.get(WORKER, ""))
         on, _, pid = owner.rpartition(":")
-        if on == host and pid.isdigit() and not _alive(int(pid)):
+        if on == host and pid.isdigit() and not alive(int(pid)):
             study.tell(trial.number, state=TrialState.FAIL)
             failed.append(trial.number)
     return failed
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def run_trials(study, spec: dict, space: Space, trials, on_trial=None) -> int:

@@ -41,6 +41,7 @@ class Trials:
                       else None for task in sorted(self.data["tasks"])}
         self.options = MergeOptions(seed=spec["seed"], device=spec["device"])
         self.checkpoints: dict = {}  # opened once, by every in-memory trial
+        remove_leftovers(work)
         inputs = spec["inputs"]
         self.in_memory = spec.get("in_memory")
         if self.in_memory is None:
@@ -58,7 +59,7 @@ class Trials:
                 return self._score(self.model, self.tok, report)
             self.in_memory, self.model, self.tok = False, None, None  # its shapes differ from the base's
         self.work.mkdir(parents=True, exist_ok=True)
-        folder = Path(tempfile.mkdtemp(prefix="trial-", dir=self.work))
+        folder = Path(tempfile.mkdtemp(prefix=f"trial-{os.getpid()}-", dir=self.work))
         try:
             merge(recipe, folder / "model", self.options)
             model, tok = load(folder / "model")
@@ -103,6 +104,26 @@ class Trials:
             return sum(weights[t] * scores[t] for t in scores) / sum(weights.values())
         values = list(scores.values())
         return {"mean": sum(values) / len(values), "min": min(values), "max": max(values)}[how["aggregate"]]
+
+
+def remove_leftovers(work: Path) -> None:
+    """Remove the trial folders of killed workers of this machine (a merge of a big model each);
+    a live worker's folder, named with its pid, stays."""
+    for folder in work.glob("trial-*-*") if work.is_dir() else ():
+        pid = folder.name.split("-")[1]
+        if pid.isdigit() and not alive(int(pid)):
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def alive(pid: int) -> bool:
+    """Whether a process of this machine is running."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _model_names(recipe: dict):
