@@ -119,9 +119,10 @@ def run_trials(study, spec: dict, space: Space, trials, on_trial=None) -> int:
                     if pruner else optuna.pruners.NopPruner())
     distributions, errors, ran = space.distributions(), 0, 0
     while True:
-        done = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED))
-        erred = [t for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,)) if "error" in t.user_attrs]
-        running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+        trials_now = study.get_trials(deepcopy=False)  # one read of the storage per turn
+        done = [t for t in trials_now if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
+        erred = [t for t in trials_now if t.state == TrialState.FAIL and "error" in t.user_attrs]
+        running = [t for t in trials_now if t.state == TrialState.RUNNING]
         if budget.get("trials") and len(done) + len(running) >= budget["trials"]:
             return ran
         if deadline is not None and time.monotonic() >= deadline:
