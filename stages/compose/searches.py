@@ -9,7 +9,7 @@ from mergekit_ops import METHODS, RecipeError, is_device_name, parse_recipe
 
 from ..common.errors import ConfigError
 from ..common.metrics import HIGHER_IS_BETTER
-from ..common.recipes import RECIPE_ORDER, mergekit_body
+from ..common.recipes import mergekit_body
 from ..common.splits import has_split
 from ..search.space import parse_space
 
@@ -86,7 +86,7 @@ def resolved_search(name: str, body: dict, suite: dict, inputs: dict[str, str]) 
     objective = body["objective"]
     tasks = {t: {k: v for k, v in data.items() if k != "test"} for t, data in suite["tasks"].items()
              if has_split(suite, t, "validation") and (not objective["weights"] or objective["weights"].get(t, 1))}
-    spec = {"recipe": {k: body["recipe"][k] for k in RECIPE_ORDER if body["recipe"].get(k) is not None}}
+    spec = {"recipe": mergekit_body(body["recipe"])}
     if body.get("constraints"):
         spec["constraints"] = body["constraints"]
     spec["objective"] = {"suite": objective["suite"], "aggregate": objective["aggregate"]}
