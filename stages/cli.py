@@ -5,6 +5,7 @@
     mergeforge compose          write params.yaml and dvc.yaml from conf/ now
     mergeforge report           every model's and merge's scores as one table
     mergeforge lineage NAME     how a model or merge was made, read back from MLflow
+    mergeforge lineage --sync   record every current build the MLflow store lacks (a teammate's, a server)
     mergeforge search NAME ...  a search's trials by hand: another worker, or N through submitit
 """
 from __future__ import annotations
@@ -37,7 +38,10 @@ def build_parser() -> argparse.ArgumentParser:
                              description="Print the lineage tree of NAME from MLflow: the merges it was made from, "
                              "down to the source models with their hub commits or paths and content digests. The "
                              "store is MLFLOW_TRACKING_URI when set, else mlflow.db in the project.")
-    lineage.add_argument("name", metavar="NAME", help="a model (conf/models) or merge (conf/merges) by name")
+    lineage.add_argument("name", metavar="NAME", nargs="?", help="a model (conf/models) or merge (conf/merges) by name")
+    lineage.add_argument("--sync", action="store_true", help="instead, record every current build (models, merges, "
+                         "metrics, registry aliases) the store lacks, from params.yaml and the files; builds "
+                         "`dvc status` finds out of date are left out")
     search = sub.add_parser("search", help="run a search's trials by hand: another worker, or N through submitit",
                             description="Run the search of conf/searches/NAME.yaml (`dvc repro` runs it as the "
                             "stage search-NAME). `mergeforge search NAME --worker` adds a worker to its study, on "
@@ -66,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
         return search(args.args)
     from .lineage.stage import main as lineage
 
-    return lineage([args.name])
+    return lineage(([args.name] if args.name else []) + (["--sync"] if args.sync else []))
 
 
 def _compose(root: Path, overrides: list[str]) -> int:

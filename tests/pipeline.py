@@ -14,6 +14,7 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 RAN = re.compile(r"Running stage '([^']+)'")
+ALWAYS = {"compose", "lineage"}  # the head stage checks dvc.yaml, the last one makes sure of the records
 # `python -c SHORT_DEMO OUT_DIR`: the demo's models and data with far shorter training (same code path)
 SHORT_DEMO = ("import sys; from stages.demo import stage as demo; "
               "demo.BASE_STEPS, demo.EXPERT_STEPS, demo.SPLITS = 12, 6, {'validation': 8, 'test': 8}; demo.build(sys.argv[1])")
@@ -29,7 +30,7 @@ def run(cmd: list[str], cwd: Path, env: dict | None = None, check: bool = True) 
 
 
 def repro(project: Path, env: dict | None = None, check: bool = True) -> tuple[set[str], subprocess.CompletedProcess]:
-    """`dvc repro`; returns the stages that ran (the head stage `compose` always does)."""
+    """`dvc repro`; returns the stages that ran (ALWAYS among them, once dvc.yaml matches conf/)."""
     proc = run(["dvc", "repro"], project, env, check)
     return set(RAN.findall(proc.stdout + proc.stderr)), proc
 

@@ -127,11 +127,34 @@ def test_sweep_builds_one_recipe_per_value_and_a_curve_stage(tmp_path):
     assert params["sweeps"]["ta"] == {"key": "parameters.lambda", "values": [0.5, 1.5], "recipes": ["ta-1", "ta-2"]}
     dvc = yaml.safe_load(compose.render_dvc_yaml(graph, params, cfg, conf, tmp_path))
     assert "artifacts/eval/ta-2.json" in dvc["stages"]["sweep-ta"]["deps"]
-    curve = [p for p in dvc["plots"] if "artifacts/reports/ta/sweep.json" in p][0]
-    assert curve["artifacts/reports/ta/sweep.json"]["y"] == ["qa/x", "qa/y"]
+    curve = [p for p in dvc["plots"] if "artifacts/reports/ta/sweep.json" in p][0]["artifacts/reports/ta/sweep.json"]
+    assert curve["y"] == ["qa/x", "qa/y"] and curve["template"] == "simple"  # lines through the points, unsmoothed
+    assert curve["x_label"] == "parameters.lambda" and curve["y_label"].startswith("score")
     # each chart once: a file drawn by a top-level plot is not also a stage's plot (DVC drew both)
     assert not [name for name, stage in dvc["stages"].items() if "plots" in stage]
-    assert {"artifacts/reports/ta/sweep.json": {"cache": False}} in dvc["stages"]["sweep-ta"]["outs"]
+    for path in ("artifacts/reports/ta/sweep.json", "artifacts/reports/ta/sweep.png"):
+        assert {path: {"cache": False}} in dvc["stages"]["sweep-ta"]["outs"]
+
+
+def test_report_pictures_are_outputs_the_card_depends_on_and_each_chart_is_drawn_once(tmp_path):
+    conf = _conf(tmp_path, MODELS, {"soup": _soup("a", "b"), "mix": _soup("soup", "a")}, evals=QA,
+                 publish={"p": {"model": "mix", "repo_id": "me/mix"}})
+    cfg = compose.compose(conf)
+    graph = compose.check(cfg, conf)
+    dvc = yaml.safe_load(compose.render_dvc_yaml(graph, compose.resolved_params(cfg, graph, tmp_path), cfg, conf,
+                                                 tmp_path))
+    for name in ("soup", "mix"):
+        outs = dvc["stages"][f"report-{name}"]["outs"]
+        for picture in ("scores.png", "retention.png"):
+            assert {f"artifacts/reports/{name}/{picture}": {"cache": False}} in outs
+    deps = dvc["stages"]["publish-p"]["deps"]
+    assert {"artifacts/reports/mix/scores.png", "artifacts/reports/mix/retention.png"} <= set(deps)
+    assert not [d for d in deps if d.startswith("artifacts/reports/soup")]  # the card shows its own merge's only
+    drawn = [next(iter(p)) for p in dvc["plots"]]
+    assert sorted(drawn) == sorted(set(drawn)) == ["artifacts/reports/mix/scores.json", "artifacts/reports/soup/scores.json"]
+    bars = dvc["plots"][0][drawn[0]]
+    assert (bars["template"], bars["x"], bars["y"]) == ("bar_horizontal", "score", "label")
+    assert bars["x_label"] and bars["y_label"] == "task: model (role)"
 
 
 @pytest.mark.parametrize("merges, config, evals, publish, pattern", [
@@ -206,9 +229,10 @@ def test_a_project_running_installed_code_declares_its_digests_not_its_folders(t
     cfg = compose.compose(conf)
     graph = compose.check(cfg, conf)
     params = compose.resolved_params(cfg, graph, tmp_path)
-    assert set(params["code"]) == {"merge", "evaluate"}  # no hub model, no publish target, the demo off
+    assert set(params["code"]) == {"merge", "evaluate", "lineage"}  # no hub model, no publish target, the demo off
     dvc = yaml.safe_load(compose.render_dvc_yaml(graph, params, cfg, conf, tmp_path))["stages"]
     assert "code.merge" in dvc["merge-soup"]["params"] and "code.evaluate" in dvc["report-soup"]["params"]
+    assert "code.lineage" in dvc["lineage"]["params"]
     assert not [d for stage in dvc.values() for d in stage.get("deps", []) if d.startswith(("stages", "mergekit_ops"))]
     assert "code" not in compose.resolved_params(cfg, graph, ROOT)  # here the folders are declared
     empty = _conf(tmp_path / "empty")  # nothing to build yet: no stage, no digest

@@ -2,6 +2,7 @@
 model with its commit, local models), records are found again by content digest, a fresh store is
 filled from params.yaml, and an unreachable store fails a merge without leaving an output."""
 import os
+import random
 import shutil
 from pathlib import Path
 
@@ -45,12 +46,13 @@ def test_merge_of_merges_reads_back_to_hub_and_local_sources(params, family, cap
     assert lineage.main(["abc"]) == 0
     lines = capsys.readouterr().out.splitlines()
     d = {n: _digest(family[n]) for n in ("base", "m0", "m1")}
+    at = {n: Path(family[n]).relative_to(Path.cwd()) for n in ("base", "m0", "m1")}  # recorded inside the project
     expected = [
         ("abc  merge (linear)  " + _digest("artifacts/merges/abc")),
         ("├── ab  merge (ties)  " + _digest("artifacts/merges/ab")),
-        (f"│   ├── m0  local {family['m0']}  {d['m0']}"),
-        (f"│   ├── m1  local {family['m1']}  {d['m1']}"),
-        (f"│   └── base  local {family['base']}  {d['base']}"),
+        (f"│   ├── m0  local {at['m0']}  {d['m0']}"),
+        (f"│   ├── m1  local {at['m1']}  {d['m1']}"),
+        (f"│   └── base  local {at['base']}  {d['base']}"),
         (f"└── m2  hub org/m2 @ {SHA}  " + _digest("artifacts/models/m2")),
     ]
     assert [line.rsplit("  [", 1)[0] for line in lines] == expected
@@ -88,6 +90,85 @@ def test_records_are_found_again_and_a_fresh_store_is_filled_from_params(params,
     assert sorted(r.info.run_name for r in runs) == ["merge-ab", "merge-abc"]
     tree = lineage.tree(mlflow.get_logged_model(first))
     assert [line.lstrip("├└─│ ").split("  ")[0] for line in tree] == ["abc", "ab", "m0", "m1", "base", "m2"]
+
+
+def test_a_merge_page_shows_its_parents_recipe_and_a_local_source_its_path(params, family):
+    """What the MLflow UI shows on a model's own page (params and description; it shows no tags):
+    a merge's parents (name, digest, model id, a link), method and recipe; a local source's path
+    (inside the project: relative) and digest."""
+    build("ab", params)
+    digests = {n: directory_digest(Path(p)) for n, p in [("ab", "artifacts/merges/ab")] + [
+        (n, family[n]) for n in ("m0", "m1", "base")]}
+    merge = tracking.find("ab", digests["ab"])
+    assert merge.name == "ab-" + digests["ab"].removeprefix("sha256:")[:8]  # the list tells builds apart
+    for parent in ("m0", "m1", "base"):
+        source = tracking.find(parent, digests[parent])
+        assert merge.tags[f"mergeforge.parent.{parent}"] == f"{digests[parent]} {source.model_id}"
+        assert source.tags["mergeforge.path"] == parent and source.params["digest"] == digests[parent]
+        assert merge.params[f"parent.{parent}.model_id"] == source.model_id
+        assert f"[{source.name}](#/experiments/{merge.experiment_id}/models/{source.model_id})" in merge.tags[
+            "mlflow.note.content"]  # the description: a link per parent
+        assert digests[parent] in source.tags["mlflow.note.content"]
+    assert merge.params["method"] == "ties" and merge.params["recipe.merge_method"] == "ties"
+    assert merge.params["recipe.models.0.parameters.density"] == "0.5"
+    run = mlflow.get_run(merge.source_run_id)  # its output is the merge; parents are no inputs (MLflow would
+    assert [o.model_id for o in run.outputs.model_outputs] == [merge.model_id]  # list their registered versions)
+    assert not run.inputs.model_inputs
+
+
+def _suite(tmp_path: Path, tokens: int) -> dict:
+    for task in ("t1", "t2"):
+        (tmp_path / f"{task}.jsonl").write_text(f'{{"prompt": "{random.random()}", "answer": "x"}}\n')
+    return {"s": {"kind": "exact_match", "max_new_tokens": tokens,
+                  "tasks": {t: {"test": f"{t}.jsonl"} for t in ("t1", "t2")}}}
+
+
+def test_a_suite_change_and_revert_leave_one_current_distinguishable_metric_set(params, tmp_path):
+    """Scores are keyed by what produced them: a changed suite logs a new set (another dataset
+    digest, its settings as run params); the revert finds the first set again, logs nothing, and
+    the model's tag points at it."""
+    build("ab", params)
+    model_id = tracking.ensure("ab", params)
+    first = _suite(tmp_path, 8)
+    changed = {"s": first["s"] | {"max_new_tokens": 16}}
+    scores = {"s": {"exact_match": {"t1": random.random(), "t2": random.random()}}}
+    other = {"s": {"exact_match": {"t1": random.random(), "t2": random.random()}}}
+    runs = [tracking.log_metrics("ab", model_id, s, suites) for s, suites in
+            [(scores, first), (other, changed), (scores, first)]]
+    assert runs[0] == runs[2] != runs[1]
+    model = mlflow.get_logged_model(model_id)
+    assert model.tags["mergeforge.eval.test"].split()[0] == runs[0]
+    by_run = {}
+    for metric in model.metrics:
+        by_run.setdefault(metric.run_id, {})[metric.key] = (metric.value, metric.dataset_digest)
+    assert set(by_run) == {runs[0], runs[1]}  # two sets, not three
+    current = by_run[runs[0]]
+    assert {k: v for k, (v, _) in current.items()} == {f"s.{t}.exact_match": v for t, v in scores["s"]["exact_match"].items()}
+    assert {d for _, d in current.values()}.isdisjoint({d for _, d in by_run[runs[1]].values()})
+    assert f"runs/{runs[0]})" in model.tags["mlflow.note.content"].split("Current scores:")[1]
+    assert f"runs/{runs[1]})" not in model.tags["mlflow.note.content"]
+    assert mlflow.get_run(runs[1]).data.params["s.max_new_tokens"] == "16"
+
+
+def test_a_moved_project_writes_nothing_into_its_old_folder(tmp_path, monkeypatch):
+    """A project copied elsewhere (store and mlartifacts/ with it) records into its new place; the
+    old folder is not written, and the old records' paths point into the new place."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    old, new = tmp_path / "old", tmp_path / "new"
+    old.mkdir()
+    tracking.connect(old)
+    first = mlflow.create_external_model(name="first")
+    shutil.copytree(old, new)
+    before = sorted((p.relative_to(old), p.stat().st_mtime_ns) for p in old.rglob("*"))
+    tracking.connect(new)
+    second = mlflow.create_external_model(name="second")
+    with mlflow.start_run() as run:
+        mlflow.log_text("x", "note.txt")
+    assert sorted((p.relative_to(old), p.stat().st_mtime_ns) for p in old.rglob("*")) == before
+    here = (new / "mlartifacts").as_uri()
+    assert all(m.artifact_location.startswith(here + "/") for m in (second, mlflow.get_logged_model(first.model_id)))
+    assert mlflow.get_run(run.info.run_id).info.artifact_uri.startswith(here + "/")
+    assert [p.name for p in (new / "mlartifacts").rglob("note.txt")] == ["note.txt"]
 
 
 def test_unreachable_store_fails_the_merge_and_leaves_no_output(params, tmp_path, monkeypatch):

@@ -24,7 +24,7 @@ def test_new_refuses_a_folder_that_holds_files_and_leaves_it_alone(tmp_path):
 def test_every_help_says_what_each_argument_is_and_exits_0():
     for args in ([], ["report"]):
         assert run(MERGEFORGE + args + ["--help"], ROOT).stdout.startswith("usage: mergeforge"), args
-    described = {"new": ["DIR"], "lineage": ["NAME"], "check": ["OVERRIDE", "--root ROOT"],
+    described = {"new": ["DIR"], "lineage": ["NAME", "--sync"], "check": ["OVERRIDE", "--root ROOT"],
                  "compose": ["OVERRIDE", "--root ROOT"]}
     for command, arguments in described.items():
         text = run(MERGEFORGE + [command, "--help"], ROOT).stdout
@@ -65,7 +65,7 @@ def test_from_mergeforge_new_to_an_evaluated_merge_of_two_local_checkpoints(tmp_
     assert all(f"| {m} |" in table for m in ("a", "b", "ab"))
     lineage = run(MERGEFORGE + ["lineage", "ab"], project, env).stdout
     assert lineage.startswith("ab  merge (linear)") and str(tmp_path / "checkpoints" / "add") in lineage
-    assert set(json.loads(run(["dvc", "status", "--json"], project, env).stdout)) <= {"compose"}  # always runs
+    assert set(json.loads(run(["dvc", "status", "--json"], project, env).stdout)) <= {"compose", "lineage"}  # always run
 
 
 def test_mergeforge_compose_writes_the_new_graph_at_once_and_exits_0(tmp_path):
@@ -74,6 +74,6 @@ def test_mergeforge_compose_writes_the_new_graph_at_once_and_exits_0(tmp_path):
     run(MERGEFORGE + ["new", str(project)], tmp_path)
     (project / "conf/models/a.yaml").write_text("source: local\npath: ckpt/a\n")
     proc = run(MERGEFORGE + ["compose"], project)
-    assert "dvc.yaml rewritten (added eval-a)" in proc.stderr
+    assert "dvc.yaml rewritten (added eval-a, lineage)" in proc.stderr
     assert "eval-a" in yaml.safe_load((project / "dvc.yaml").read_text())["stages"]
     assert "dvc.yaml already matches conf/" in run(MERGEFORGE + ["compose"], project).stderr

@@ -10,7 +10,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from pipeline import hub_cache, new_project, read_conf, repro, run, write_conf
+from pipeline import ALWAYS, hub_cache, new_project, read_conf, repro, run, write_conf
 from tiny import finetune, fresh_seed, llama_state, load_dir, write_model
 
 pytestmark = pytest.mark.slow  # end-to-end: DVC projects built and run (`pytest -m 'not slow'` skips them)
@@ -58,7 +58,7 @@ def params_sha(project, model):
 
 def test_fresh_repro_builds_every_stage(built):
     project, ran = built
-    assert ran == {"compose", "merge-soup", "merge-ties", "merge-blend"}  # local models: read in place
+    assert ran == ALWAYS | {"merge-soup", "merge-ties", "merge-blend"}  # local models: read in place
     assert not (project / "artifacts/models").exists()
     soup, m0, m1 = (load_dir(p) for p in (project / "artifacts/merges/soup", project.parent / "src/m0",
                                        project.parent / "src/m1"))
@@ -71,13 +71,13 @@ def test_fresh_repro_builds_every_stage(built):
 
 def test_second_repro_runs_nothing_but_the_compose_check(project):
     ran, proc = repro(project)
-    assert ran == {"compose"}, proc.stdout
+    assert ran == ALWAYS, proc.stdout
 
 
 def test_recipe_edit_reruns_that_merge_and_its_dependents_only(project):
     write_conf(project, "merges", "ties", _ties(density=0.3))
     ran, _ = repro(project)
-    assert ran == {"compose", "merge-ties", "merge-blend"}
+    assert ran == ALWAYS | {"merge-ties", "merge-blend"}
 
 
 def test_edit_that_changes_no_build_input_reruns_nothing(project):
@@ -86,7 +86,7 @@ def test_edit_that_changes_no_build_input_reruns_nothing(project):
     write_conf(project, "merges", "soup", body)
     write_conf(project, "models", "m1", {**read_conf(project, "models", "m1"), "description": "a note"})
     ran, _ = repro(project)
-    assert ran == {"compose"}
+    assert ran == ALWAYS
 
 
 def test_new_recipe_says_run_again_then_builds_only_it(project):
@@ -96,7 +96,7 @@ def test_new_recipe_says_run_again_then_builds_only_it(project):
     assert proc.returncode != 0 and "run `dvc repro` again" in proc.stderr + proc.stdout
     assert "added merge-slerp" in proc.stderr + proc.stdout
     ran, _ = repro(project)
-    assert ran == {"compose", "merge-slerp"}
+    assert ran == ALWAYS | {"merge-slerp"}
     assert (project / "artifacts/merges/slerp/model.safetensors").is_file()
 
 
@@ -104,12 +104,12 @@ def test_removed_and_rewired_recipes_change_the_graph(project):
     (project / "conf/merges/blend.yaml").unlink()
     _, proc = repro(project, check=False)
     assert proc.returncode != 0 and "removed merge-blend" in proc.stderr + proc.stdout
-    assert repro(project)[0] == {"compose"}
+    assert repro(project)[0] == ALWAYS
     write_conf(project, "merges", "soup", {"merge_method": "linear", "models": [
         {"model": "ties", "parameters": {"weight": 1.0}}, {"model": "m1", "parameters": {"weight": 1.0}}]})
     _, proc = repro(project, check=False)
     assert proc.returncode != 0 and "rewired" in proc.stderr + proc.stdout
-    assert repro(project)[0] == {"compose", "merge-soup"}
+    assert repro(project)[0] == ALWAYS | {"merge-soup"}
 
 
 def test_exp_run_with_a_conf_override(project):
@@ -137,16 +137,16 @@ def test_hub_model_from_offline_cache_moved_branch_and_no_token_written(tmp_path
                                   "models": [{"model": "tuned", "parameters": {"weight": 1.0}}]}},
                           env, mlflow_db=mlflow_template)
     ran, _ = repro(project, env)
-    assert ran == {"compose", "fetch-tuned", "merge-ta"}
+    assert ran == ALWAYS | {"fetch-tuned", "merge-ta"}
     fetched = project / "artifacts/models/tuned/model.safetensors"
     blob = cache / "models--org--tuned" / "snapshots" / params_sha(project, "tuned") / "model.safetensors"
     assert fetched.resolve().stat().st_ino == blob.resolve().stat().st_ino  # a link, not a second copy
     v1 = load_file(str(src["v1"] / "model.safetensors"))
     assert all(torch.equal(t, v1[k]) for k, t in load_dir(project / "artifacts/merges/ta").items())
-    assert repro(project, env)[0] == {"compose"}
+    assert repro(project, env)[0] == ALWAYS
     sha2 = hub_cache(cache, "org/tuned", src["v2"])  # the branch moves to a new commit
     ran, _ = repro(project, env)
-    assert ran == {"compose", "fetch-tuned", "merge-ta"}
+    assert ran == ALWAYS | {"fetch-tuned", "merge-ta"}
     v2 = load_file(str(src["v2"] / "model.safetensors"))
     assert all(torch.equal(t, v2[k]) for k, t in load_dir(project / "artifacts/merges/ta").items())
     assert sha2 in (project / "params.yaml").read_text()

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from pipeline import new_project, repro, run, write_conf
+from pipeline import ALWAYS, new_project, repro, run, write_conf
 from tiny import fresh_seed, write_causal_lm
 
 pytestmark = pytest.mark.slow  # end-to-end: DVC projects built and run (`pytest -m 'not slow'` skips them)
@@ -37,7 +37,7 @@ def built(tmp_path_factory, mlflow_template):
 
 def test_every_model_is_evaluated_and_every_merge_reported_and_published(built):
     project, ran = built
-    assert ran == {"compose", "merge-soup", "merge-mix", "eval-a", "eval-b", "eval-soup", "eval-mix",
+    assert ran == ALWAYS | {"merge-soup", "merge-mix", "eval-a", "eval-b", "eval-soup", "eval-mix",
                    "report-soup", "report-mix", "publish-mix"}
     metrics = json.loads(run(["dvc", "metrics", "show", "--json"], project).stdout)
     shown = json.dumps(metrics)
@@ -61,8 +61,40 @@ def test_lineage_command_reads_the_merge_of_merges_back(built):
 
 def test_second_repro_runs_nothing_and_a_suite_edit_reruns_no_merge(built):
     project, _ = built
-    assert repro(project)[0] == {"compose"}
+    assert repro(project)[0] == ALWAYS
     write_conf(project, "eval", "qa", {"kind": "exact_match", "tasks": {"qa": "data/qa.jsonl"}, "max_new_tokens": 3})
     ran, _ = repro(project)
     assert {"eval-a", "eval-b", "eval-soup", "eval-mix"} <= ran and not [s for s in ran if s.startswith("merge-")]
-    assert ran <= {"compose", "eval-a", "eval-b", "eval-soup", "eval-mix", "report-soup", "report-mix", "publish-mix"}
+    assert ran <= ALWAYS | {"eval-a", "eval-b", "eval-soup", "eval-mix", "report-soup", "report-mix", "publish-mix"}
+
+
+def test_a_suite_change_and_revert_leave_one_current_metric_set_per_suite_state(built):
+    """MLflow after a suite edit and its revert: the soup's model shows two sets of scores told
+    apart by their dataset digest (the suite's settings and data), the reverted edit adds no third,
+    and the current set (tag, description) is the one of the suites in params.yaml."""
+    import mlflow
+
+    project, _ = built
+    client = mlflow.MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
+    experiments = [e.experiment_id for e in client.search_experiments()]
+
+    def soup():
+        (model,) = client.search_logged_models(experiments, filter_string="tags.`mergeforge.name` = 'soup'")
+        runs = {m.run_id: m.dataset_digest for m in model.metrics if m.key.startswith("qa.")}
+        return model, runs
+
+    qa = lambda tokens: {"kind": "exact_match", "tasks": {"qa": "data/qa.jsonl"}, "max_new_tokens": tokens}  # noqa: E731
+    write_conf(project, "eval", "qa", qa(4))
+    repro(project)
+    _, before = soup()
+    write_conf(project, "eval", "qa", qa(5))
+    repro(project)
+    write_conf(project, "eval", "qa", qa(4))  # the revert
+    repro(project)  # DVC restores the evaluations from its run cache; the lineage stage finds their set
+    model, after = soup()
+    assert len(after) == len(before) + 1 and len(set(after.values())) == len(after)  # one new set, digests differ
+    current = model.tags["mergeforge.eval.test"].split()[0]
+    assert current in before and f"runs/{current})" in model.tags["mlflow.note.content"]
+    scores = json.loads((project / "artifacts/eval/soup.json").read_text())["qa"]["exact_match"]
+    logged = {m.key: m.value for m in model.metrics if m.run_id == current and m.key.startswith("qa.")}
+    assert logged == {f"qa.{t}.exact_match": v for t, v in scores.items()}

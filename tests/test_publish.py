@@ -6,6 +6,7 @@ import hashlib
 import json
 import os
 import random
+import shutil
 from pathlib import Path
 from unittest import mock
 
@@ -77,6 +78,8 @@ def test_dry_run_stages_card_receipt_and_registers_the_alias(project):
         json.loads(Path("artifacts/eval/soup.json").read_text())["lm"]["perplexity"]["text"], rel=1e-6)
     assert "merge_method: linear" in card.text and "└── b  local src/b" in card.text
     assert "[m-" not in card.text  # MLflow's model ids differ per store: the card must not
+    assert (out / "repo/images/scores.png").read_bytes() == Path("artifacts/reports/soup/scores.png").read_bytes()
+    assert receipt["files"]["images/scores.png"] == file_sha256(out / "repo/images/scores.png")
     assert "device:" not in card.text  # cpu, the default, goes unsaid
     model = tracking.find("soup")
     version = mlflow.MlflowClient().get_model_version_by_alias("soup", "candidate")
@@ -93,6 +96,20 @@ def test_dry_run_stages_card_receipt_and_registers_the_alias(project):
     project["merges"]["soup"]["device"] = "cuda"  # as if built on a GPU, whose last bits may differ
     publish("hub", project)
     assert "device: cuda" in ModelCard.load(out / "repo/README.md").text
+
+
+def test_the_same_build_on_two_fresh_stores_stages_the_same_bytes(project, tmp_path, monkeypatch, mlflow_template):
+    """Nothing staged depends on the store: a second store, fresh (its model ids and registry
+    versions its own), records the build again and stages the same receipt and card."""
+    publish("hub", project)
+    out = Path("artifacts/publish/hub")
+    first = {rel: (out / rel).read_bytes() for rel in ("receipt.json", "repo/README.md")}
+    recorded = tracking.find("soup").model_id
+    shutil.copyfile(mlflow_template, tmp_path / "other.db")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'other.db'}")
+    publish("hub", project)
+    assert tracking.find("soup").model_id != recorded  # another store: another id
+    assert {rel: (out / rel).read_bytes() for rel in first} == first
 
 
 def test_failed_gate_blocks_publication_and_names_the_metric(project):
@@ -215,3 +232,20 @@ def test_an_experiment_stages_but_registers_nothing(project, monkeypatch):
     assert receipt["experiment"] == os.environ["DVC_EXP_NAME"] and "registry" not in receipt
     assert Path("artifacts/publish/hub/repo/README.md").is_file()
     assert mlflow.MlflowClient().search_registered_models() == []
+
+
+def test_the_card_shows_the_report_pictures_and_a_found_merge_its_search(project, tmp_path):
+    from stages.evaluate.report import compare
+    from stages.publish.card import build_card, card_images, copy_images
+
+    images = card_images("soup", project)
+    assert set(images) == {"images/scores.png", "images/retention.png"} and all(p.is_file() for p in images.values())
+    card = build_card("hub", project, compare("soup", project), ["soup"], {"soup": "0" * 64}).text
+    evaluation = card.split("## Evaluation")[1].split("## Content digests")[0]
+    assert all(f"]({rel})" in evaluation for rel in images)
+    copy_images("soup", project, tmp_path / "repo")
+    assert all((tmp_path / "repo" / rel).read_bytes() == path.read_bytes() for rel, path in images.items())
+    found = project | {"merges": {"soup": project["merges"]["soup"] | {"search": "hunt"}}}
+    assert card_images("soup", found)["images/trials.png"] == Path("artifacts/searches/hunt/trials.png")
+    with pytest.raises(PublishError, match="artifacts/searches/hunt/trials.png: missing"):
+        copy_images("soup", found, tmp_path / "repo")

@@ -87,12 +87,14 @@ def test_one_worker_and_seed_give_the_same_trials_and_only_validation_files_are_
     run([sys.executable, str(AUDIT), str(log), "stages.search", "s"], project)
     first = _results(project)
     assert len(first[2]) == 8 and first[1]["trials"] == 8
+    picture = (project / "artifacts/searches/s/trials.png").read_bytes()
     opened = {Path(line.split(" ", 1)[1]).name for line in log.read_text().splitlines() if line.startswith("open")}
     assert {"one.validation.jsonl", "two.validation.jsonl"} <= opened
     assert not {"one.test.jsonl", "two.test.jsonl"} & opened
     shutil.rmtree(project / ".mergeforge" / "searches")  # a new study, from nothing
     _search(project)
     assert _results(project) == first
+    assert (project / "artifacts/searches/s/trials.png").read_bytes() == picture  # the same trials, the same picture
     best = first[1]
     assert best["objective"] == max(r["objective"] for r in first[2])
     assert yaml.safe_load(first[0])["models"][0]["parameters"]["weight"] == best["values"]["x.weight"]
@@ -136,7 +138,7 @@ def test_the_search_and_its_trials_are_mlflow_runs_and_the_merge_names_its_trial
     monkeypatch.chdir(project)  # params.yaml paths are the project's
     card = _found("s", yaml.safe_load((project / "params.yaml").read_text()))
     assert f"search `s`: trial {best['trial']}, the best of 8" in card
-    model = client.search_logged_models(experiments, filter_string="name = 's'")[0]
+    model = client.search_logged_models(experiments, filter_string="tags.`mergeforge.name` = 's'")[0]
     assert model.tags["mergeforge.search"] == "s" and model.tags["mergeforge.trial"] == str(best["trial"])
     assert model.tags["mergeforge.search_run"] == parents[0].info.run_id
 
@@ -324,8 +326,18 @@ def test_a_search_needs_a_validation_split(tmp_path):
 
 def test_a_search_becomes_a_merge_of_the_graph(tmp_path):
     root = _conf_project(tmp_path, _with("constraints", [{"sum": ["x.weight", "y.weight"], "equals": 1}]))
+    (root / "conf/publish").mkdir()
+    (root / "conf/publish/p.yaml").write_text(yaml.safe_dump({"model": "s", "repo_id": "me/s"}))
     params, dvc_yaml = plan(root, pin=False)
-    stages = yaml.safe_load(dvc_yaml)["stages"]
+    dvc = yaml.safe_load(dvc_yaml)
+    stages = dvc["stages"]
+    assert {"artifacts/searches/s/trials.png": {"cache": False}} in stages["search-s"]["outs"]
+    assert "artifacts/searches/s/trials.png" in stages["publish-p"]["deps"]  # the card shows it
+    labels = {name: (plot["x_label"], plot["y_label"]) for p in dvc["plots"] for name, plot in p.items()
+              if name.startswith("search-s")}
+    assert labels == {"search-s: objective per trial": ("trial", "validation objective"),
+                      "search-s: x.weight": ("x.weight", "validation objective"),
+                      "search-s: y.weight": ("y.weight", "validation objective")}
     assert "artifacts/searches/s/recipe.yaml" in stages["merge-s"]["deps"]
     assert {"eval-s", "report-s", "search-s"} <= set(stages)
     assert [p for p in stages["search-s"]["params"] if not p.startswith("code.")] == ["searches.s"]

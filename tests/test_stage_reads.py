@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline import hub_cache, new_project, repro, run
+from pipeline import ALWAYS, hub_cache, new_project, repro, run
 from stages.common.layout import model_dir
 from stages.compose.graph import code_deps
 from tiny import fresh_seed, write_causal_lm
@@ -32,7 +32,7 @@ def built(tmp_path_factory, mlflow_template):
     env = {"HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(root / "hf")}
     hub_cache(root / "hf", "org/h", write_causal_lm(root / "hub-src", seed + 2))
     project = root / "project"
-    local = {n: {"source": "local", "path": str(project / "models" / n), "license": "mit"} for n in ("a", "b", "c")}
+    local = {n: {"source": "local", "path": f"models/{n}", "license": "mit"} for n in ("a", "b", "c")}
     text = "".join(" ".join(f"w{(i * 7 + j) % 21}" for j in range(6)) + "\n" for i in range(4))
     conf = {"eval/lm": {"kind": "perplexity", "tasks": {"text": "data/text.txt"}, "split": {"validation": 0.5}},
             "publish/pub": {"model": "mix", "repo_id": "me/mix", "gates": {}},
@@ -72,7 +72,7 @@ def _undeclared_reads(project: Path, name: str, stage: dict, env: dict, tmp: Pat
     log = tmp / f"{name}.log"
     shutil.rmtree(project / ".mergeforge", ignore_errors=True)
     proc = run([sys.executable, str(AUDIT), str(log), *argv[2:]], project,
-               env | {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp / 'store' / name}.db"}
+               env | {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp / 'store' / name}.db", "DVC_STAGE": name}
                | ({"MERGEFORGE_AUDIT_SHORT_DEMO": "1"} if name == "demo" else {}), check=False)
     assert proc.returncode == 0, (name, proc.stderr)
     declared = [str(p) for p in _declared(project, stage)]
@@ -98,11 +98,12 @@ def test_every_kind_of_stage_reads_only_what_its_dvc_yaml_entry_declares(built, 
     project, env, _ = built
     stages = yaml.safe_load((project / "dvc.yaml").read_text())["stages"]
     kinds = ["compose", "fetch-h", "merge-soup", "merge-mix", "eval-mix", "eval-h", "report-mix", "sweep-sw",
-             "publish-pub", "search-se", "merge-se", "eval-se", "report-se"]
+             "publish-pub", "search-se", "merge-se", "eval-se", "report-se", "lineage"]
     assert set(kinds) <= set(stages), sorted(stages)
     (tmp_path / "store").mkdir()
     for name in kinds:
-        shutil.copyfile(project / "mlflow.db", tmp_path / "store" / f"{name}.db")
+        if name != "lineage":  # it starts a store of its own: it records everything, so reads all it may
+            shutil.copyfile(project / "mlflow.db", tmp_path / "store" / f"{name}.db")
         missed = _undeclared_reads(project, name, stages[name], env, tmp_path)
         assert missed == [], (name, missed)
     demo = {"cmd": f"python -m stages.demo {project / 'artifacts' / 'demo'}", "deps": code_deps("demo"),
@@ -135,7 +136,7 @@ def test_a_license_change_reruns_publish_alone_and_reaches_the_card(built):
         path = project / "conf" / "models" / f"{name}.yaml"
         path.write_text(path.read_text().replace("license: mit", "license: apache-2.0"))
     ran, _ = repro(project, env)
-    assert ran == {"compose", "publish-pub"}
+    assert ran == ALWAYS | {"publish-pub"}
     assert "license: apache-2.0" in _card(project)
 
 
@@ -150,9 +151,53 @@ def test_a_new_score_of_the_base_reruns_publish_and_reaches_the_card(built):
     shutil.rmtree(project / "models" / "c")
     write_causal_lm(project / "models" / "c", seed + 100)
     ran, _ = repro(project, env)
-    assert ran == {"compose", "eval-c", "report-soup", "report-mix", "report-sw-1", "report-sw-2", "report-se",
+    assert ran == ALWAYS | {"eval-c", "report-soup", "report-mix", "report-sw-1", "report-sw-2", "report-se",
                    "publish-pub"}  # se (a search's merge) has no base_model either: c is its baseline too
     assert score() != before and f"| {score():.4g} |" in _card(project).split("## Evaluation")[1]
+
+
+def test_a_teammate_clone_pull_and_repro_gives_the_whole_lineage(built, tmp_path):
+    """A teammate with a fresh store: `git clone`, `dvc pull`, `dvc repro` rebuilds nothing (but the
+    staging folder of the publish target), leaves git clean, and their store then holds every model, merge, metric set and alias of the build;
+    `--sync` by hand into another store leaves out the builds an unbuilt edit makes stale."""
+    import mlflow
+
+    project, env, _ = built
+    run(["dvc", "remote", "add", "-f", "-d", "team", str(tmp_path / "remote")], project)
+    run(["git", "add", "-A"], project)
+    run(["git", "commit", "-qm", "built, with a remote"], project)
+    run(["dvc", "push", "-q"], project, env)
+    mate = tmp_path / "mate"
+    run(["git", "clone", "-q", str(project), str(mate)], tmp_path)
+    run(["dvc", "pull", "-q"], mate, env)
+    ran, proc = repro(mate, env)
+    assert ran == ALWAYS | {"publish-pub"}, proc.stdout  # its repo/ folder is git-ignored and not cached: restaged
+    assert run(["git", "status", "--porcelain"], mate).stdout == ""
+    lines = run([sys.executable, "-m", "stages.lineage", "mix"], mate, env).stdout.splitlines()
+    names = [line.lstrip("├└─│ ").split("  ")[0] for line in lines]
+    assert names == ["mix", "h", "soup", "a", "b"], lines  # parents by name
+    client = mlflow.MlflowClient(f"sqlite:///{mate / 'mlflow.db'}")
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    params = yaml.safe_load((mate / "params.yaml").read_text())
+    for name in list(params["models"]) + list(params["merges"]):
+        (model,) = client.search_logged_models(experiments, filter_string=f"tags.`mergeforge.name` = '{name}'")
+        scores = json.loads((mate / "artifacts/eval" / f"{name}.json").read_text())["lm"]["perplexity"]
+        logged = {m.key: m.value for m in model.metrics or [] if not m.key.endswith(".validation")}
+        assert logged == {f"lm.{task}.perplexity": v for task, v in scores.items()}, name
+        assert model.tags["mergeforge.eval.test"].split()[0] in {r.info.run_id for r in client.search_runs(experiments)}
+    assert client.get_model_version_by_alias("mix", "candidate").source.startswith("models:/m-")
+    ran, _ = repro(mate, env)  # a second time: the same records, none added
+    assert ran == ALWAYS and len(client.search_logged_models(experiments)) == len(params["models"]) + len(params["merges"])
+    recipe = mate / "conf/merges/soup.yaml"  # an edit not built yet: by hand, sync leaves out what it would change
+    recipe.write_text(recipe.read_text().replace("weight: 1.0", "weight: 0.7", 1))
+    run([sys.executable, "-m", "stages.compose"], mate, env)
+    store = f"sqlite:///{tmp_path / 'server.db'}"
+    out = run([sys.executable, "-m", "stages.lineage", "--sync"], mate, env | {"MLFLOW_TRACKING_URI": store}).stdout
+    assert "not recorded: soup: soup is out of date" in out and "not recorded: mix: soup is out of date" in out
+    server = mlflow.MlflowClient(store)
+    names = {m.tags["mergeforge.name"] for m in server.search_logged_models(
+        [e.experiment_id for e in server.search_experiments()])}
+    assert "a" in names and "sw-1" in names and not {"soup", "mix"} & names
 
 
 def test_an_experiment_leaves_the_registry_as_it_was(built):
@@ -162,7 +207,7 @@ def test_an_experiment_leaves_the_registry_as_it_was(built):
 
     project, env, _ = built
     run(["git", "add", "-A"], project)
-    run(["git", "commit", "-qm", "built"], project)
+    run(["git", "commit", "-qm", "built", "--allow-empty"], project)
     client = mlflow.MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
     versions = lambda: sorted((v.version, v.source) for v in client.search_model_versions("name = 'mix'"))  # noqa: E731
     before, alias = versions(), client.get_model_version_by_alias("mix", "candidate").version
@@ -173,6 +218,6 @@ def test_an_experiment_leaves_the_registry_as_it_was(built):
     receipt = json.loads((project / "artifacts/publish/pub/receipt.json").read_text())
     assert receipt["experiment"] == "lighter" and "registry" not in receipt
     experiments = [e.experiment_id for e in client.search_experiments()]
-    newest = client.search_logged_models(experiments, filter_string="name = 'mix'",
+    newest = client.search_logged_models(experiments, filter_string="tags.`mergeforge.name` = 'mix'",
                                          order_by=[{"field_name": "creation_timestamp", "ascending": False}])[0]
     assert newest.tags["mergeforge.experiment"] == "lighter"

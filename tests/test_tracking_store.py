@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from stages.common import tracking
+from stages.common import store, tracking
 from stages.common.errors import LineageError
 
 
@@ -17,7 +17,7 @@ from stages.common.errors import LineageError
 def http_env(monkeypatch):
     """connect() sets MLflow's HTTP defaults in os.environ: setenv then delenv makes monkeypatch
     restore each variable as it was before the test, set or not."""
-    for name in tracking.HTTP_DEFAULTS:
+    for name in store.HTTP_DEFAULTS:
         monkeypatch.setenv(name, "0")
         monkeypatch.delenv(name)
 
@@ -72,7 +72,7 @@ def test_mlflow_http_defaults_are_lowered_but_a_user_setting_wins(http_env, clos
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "300")
     connect_error(f"http://127.0.0.1:{closed_port}", monkeypatch)
     assert os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] == "300"
-    assert os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] == tracking.HTTP_DEFAULTS[
+    assert os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] == store.HTTP_DEFAULTS[
         "MLFLOW_HTTP_REQUEST_MAX_RETRIES"]
 
 
@@ -112,7 +112,7 @@ def test_a_missing_store_is_created_and_said_so_once(tmp_path, monkeypatch, caps
 
 def test_a_valid_store_connects_to_its_experiment(mlflow_store, capsys):
     db = sqlite3.connect(mlflow_store.removeprefix("sqlite:///"))
-    (recorded,) = db.execute("SELECT experiment_id FROM experiments WHERE name = ?", (tracking.EXPERIMENT,)).fetchone()
+    (recorded,) = db.execute("SELECT experiment_id FROM experiments WHERE name = ?", (store.EXPERIMENT,)).fetchone()
     db.close()
     assert tracking.connect() == str(recorded)
     assert "creating" not in capsys.readouterr().err
@@ -132,3 +132,27 @@ def test_a_reader_is_refused_a_missing_store_and_none_is_created(tmp_path, monke
     with pytest.raises(LineageError, match=f"no MLflow store at {tmp_path / 'mlflow.db'}"):
         tracking.connect(tmp_path, create=False)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_store_left_by_a_killed_writer_is_rolled_back_and_used(mlflow_store):
+    """A process killed inside a write leaves a hot journal; a read-only look cannot roll it back,
+    so the check opens it as MLflow would, and the store's records are as before the write."""
+    import signal
+    import subprocess
+    import sys
+
+    db = mlflow_store.removeprefix("sqlite:///")
+    name = f"experiment-{os.getpid()}-{time.time_ns()}"
+    writer = ("import os, signal, sqlite3, sys\n"
+              "db = sqlite3.connect(sys.argv[1], isolation_level=None)\n"
+              "db.execute('PRAGMA cache_size=1'); db.execute('BEGIN IMMEDIATE')\n"
+              "db.execute('UPDATE experiments SET name = ? WHERE name = \"Default\"', (sys.argv[2],))\n"
+              "db.execute('CREATE TABLE ballast (x)')  # pages enough to spill into the file before commit\n"
+              "db.executemany('INSERT INTO ballast VALUES (?)', [(os.urandom(512),)] * 2000)\n"
+              "os.kill(os.getpid(), signal.SIGKILL)\n")
+    proc = subprocess.run([sys.executable, "-c", writer, db, name])
+    assert proc.returncode == -signal.SIGKILL and os.path.exists(db + "-journal")
+    assert tracking.connect()  # no "cannot be read"
+    with sqlite3.connect(db) as conn:
+        assert name not in {row[0] for row in conn.execute("SELECT name FROM experiments")}
+        assert "ballast" not in {row[0] for row in conn.execute("SELECT name FROM sqlite_master")}

@@ -7,10 +7,11 @@ artifact path, so the graph DVC checks and the files the stages write cannot dri
     artifacts/merges/NAME            a merge
     artifacts/eval/NAME.json         a model's or merge's metrics on the test split
     artifacts/eval/NAME.validation.json            ... and on the validation split
-    artifacts/reports/NAME/          a merge's report (report.md, retention.json, scores.json)
-                                     or a sweep's curve (sweep.md, sweep.json)
+    artifacts/reports/NAME/          a merge's report (report.md, retention.json, scores.json and
+                                     their pictures scores.png, retention.png) or a sweep's curve
+                                     (sweep.md, sweep.json, sweep.png)
     artifacts/publish/TARGET/        a publish target's staged repo and receipt
-    artifacts/searches/NAME/         a search's best recipe, its trials and its best trial
+    artifacts/searches/NAME/         a search's best recipe, its trials (and trials.png), its best trial
 """
 from __future__ import annotations
 
@@ -43,22 +44,35 @@ def report_dir(name: str, params: dict) -> Path:
 
 
 def report_files(name: str, params: dict) -> dict[str, Path]:
-    """A merge's report: the table, its retention metrics (DVC metrics) and its scores (DVC plots)."""
+    """A merge's report: the table, its retention metrics (DVC metrics), its scores (DVC plots) and
+    the pictures of both (PNG: what report.md and the model card show)."""
     folder = report_dir(name, params)
-    return {"table": folder / "report.md", "retention": folder / "retention.json", "scores": folder / "scores.json"}
+    return {"table": folder / "report.md", "retention": folder / "retention.json", "scores": folder / "scores.json",
+            "scores_png": folder / "scores.png", "retention_png": folder / "retention.png"}
 
 
 def sweep_files(name: str, params: dict) -> dict[str, Path]:
-    """A sweep's curve: the table and the rows DVC plots draws."""
+    """A sweep's curve: the table, the rows DVC plots draws, and their picture."""
     folder = report_dir(name, params)
-    return {"table": folder / "sweep.md", "curve": folder / "sweep.json"}
+    return {"table": folder / "sweep.md", "curve": folder / "sweep.json", "curve_png": folder / "sweep.png"}
 
 
 def search_files(name: str, params: dict) -> dict[str, Path]:
-    """A search's outputs: the best recipe (mergekit YAML), the trials (DVC plots), the best trial
-    (DVC metrics)."""
+    """A search's outputs: the best recipe (mergekit YAML), the trials (DVC plots) and their picture,
+    the best trial (DVC metrics)."""
     folder = _root(params) / "searches" / name
-    return {"recipe": folder / "recipe.yaml", "trials": folder / "trials.json", "best": folder / "best.json"}
+    return {"recipe": folder / "recipe.yaml", "trials": folder / "trials.json", "trials_png": folder / "trials.png",
+            "best": folder / "best.json"}
+
+
+def card_images(name: str, params: dict) -> dict[str, Path]:
+    """{path in the hub repo: the picture it is copied from} for the model card of merge `name`: its
+    report's scores and retention, and for a merge a search found, the search's trials. The publish
+    stage copies them and declares them as its dependencies (compose asks here too)."""
+    report = report_files(name, params)
+    images = {"images/scores.png": report["scores_png"], "images/retention.png": report["retention_png"]}
+    search = params["merges"][name].get("search")
+    return images | ({"images/trials.png": search_files(search, params)["trials_png"]} if search else {})
 
 
 def publish_dir(target: str, params: dict) -> Path:

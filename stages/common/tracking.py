@@ -1,52 +1,38 @@
-"""MLflow records of every artifact: one LoggedModel per model or merge, found again by name and
-content digest, with merges linked to their parents as model inputs of the run that built them.
+"""MLflow records as a function of the build: one LoggedModel per artifact, identified by its
+name and content digest (a rebuild of the same bytes is the same model), carrying its parents,
+recipe and source on its own page; and one evaluation run per (model, split, suites), keyed by the
+suites' settings and data digests, so a suite change gives a new, distinguishable set of metrics
+and a revert finds the old one again.
 
-The tracking store is MLFLOW_TRACKING_URI when set (a team server), else a sqlite DB inside the
-project at an absolute path (DVC's queued experiments run in a temp copy of the repo). Records are
-idempotent: an artifact whose (name, digest) is already recorded is not recorded again, and a
-parent missing from the store (a fresh DB, a build restored from DVC's cache) is recorded from
-params.yaml on the way. Weights are never logged: DVC stores them.
+The tracking store is MLFLOW_TRACKING_URI when set (a team server), else mlflow.db in the project
+(see store.py). Records are idempotent: what is already recorded is found, not recorded again, and
+whatever is missing (a fresh store, a build restored from DVC's cache, a teammate's clone) is
+recorded from params.yaml and the files on the way. Weights are never logged: DVC stores them.
 """
 from __future__ import annotations
 
-import http.client
+import hashlib
+import json
 import os
-import sqlite3
-import ssl
 import subprocess
-import sys
-import urllib.error
-import urllib.parse
-import urllib.request
 import warnings
-from contextlib import closing, contextmanager
+from contextlib import contextmanager
 from pathlib import Path
 
 from .digest import directory_digest, file_sha256
 from .errors import LineageError
 from .layout import model_dir, parents
 from .recipes import recipe_of, search_origin
+from .store import EXPERIMENT, artifact_root, check_store, shown_uri
 
-EXPERIMENT = "mergeforge"
 TAG = "mergeforge."
-# MLflow's defaults (7 retries with backoff, 120 s per request) spend minutes on a dead server
-# before failing; these make a server that dies mid-run fail within a minute. A user's own
-# setting wins.
-HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
-                 "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
-PROBE_TIMEOUT_S = 5
-SQLITE_HEADER = b"SQLite format 3\x00"
-MLFLOW_TABLES = ("alembic_version", "experiments")
+RECORD = "2"  # the form of a record: one of an older form is left as it is, and this one made beside it
+NOTE = "mlflow.note.content"  # the description MLflow's UI shows (markdown) on a model's and a run's page
+CURRENT = "Current scores:"
 
 
 def tracking_uri(root: Path | None = None) -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{(root or Path.cwd()).resolve() / 'mlflow.db'}"
-
-
-def shown_uri(uri: str) -> str:
-    """The URI without credentials (a team server URI may carry user:password@)."""
-    scheme, sep, rest = uri.partition("://")
-    return scheme + sep + rest.rpartition("@")[2] if sep else uri
 
 
 @contextmanager
@@ -82,83 +68,17 @@ def connect(root: Path | None = None, create: bool = True) -> str:
     with mlflow_errors("cannot open the experiment"):
         experiment = mlflow.get_experiment_by_name(EXPERIMENT)
         experiment_id = (experiment.experiment_id if experiment else
-                         mlflow.create_experiment(EXPERIMENT, artifact_location=(root / "mlartifacts").as_uri()))
+                         mlflow.create_experiment(EXPERIMENT, artifact_location=artifact_root(uri, root)))
         mlflow.set_experiment(experiment_id=experiment_id)
         return experiment_id
 
 
-def check_store(uri: str, create: bool = True) -> None:
-    """Fail before MLflow does: MLflow retries an absent server for minutes, and silently turns an
-    empty or foreign sqlite file into a fresh store, losing the lineage history."""
-    scheme = uri.partition(":")[0].lower()
-    if scheme in ("http", "https"):
-        for name, value in HTTP_DEFAULTS.items():
-            os.environ.setdefault(name, value)
-        check_server(uri)
-    elif scheme == "sqlite":
-        check_sqlite(uri, create)
-
-
-def check_server(uri: str) -> None:
-    """Any HTTP answer to /health within seconds means a server is there (its own errors, such as
-    a 401, come later from MLflow with their reason); silence or a refused connection is an error."""
-    url = shown_uri(uri).rstrip("/") + "/health"  # credentials stay out of the probe and the message
-    tls = ssl.create_default_context()
-    tls.check_hostname, tls.verify_mode = False, ssl.CERT_NONE  # reachability only: MLflow verifies
-    try:
-        urllib.request.urlopen(url, timeout=PROBE_TIMEOUT_S, context=tls).close()
-    except urllib.error.HTTPError:
-        pass
-    except (OSError, http.client.HTTPException) as exc:  # refused, timed out, TLS failed, not HTTP
-        reason = getattr(exc, "reason", exc)
-        raise LineageError(f"MLflow at {shown_uri(uri)}: cannot reach the tracking server ({type(reason).__name__}: "
-                           f"{reason}): start it, or fix MLFLOW_TRACKING_URI (or unset it to record lineage in the "
-                           "project's mlflow.db)") from None
-
-
-def check_sqlite(uri: str, create: bool = True) -> None:
-    """An existing store must be an MLflow sqlite DB (read-only check); a missing one is a first run
-    (or, for a reader, an error)."""
-    from sqlalchemy.engine import make_url  # the parser MLflow's store uses: same file
-
-    database = make_url(uri).database
-    if not database or database == ":memory:":
-        return
-    path = Path(database).absolute()
-    if not path.exists():
-        if not create:
-            raise LineageError(f"no MLflow store at {path}: run in a project's root after `dvc repro`, or set "
-                               "MLFLOW_TRACKING_URI")
-        print(f"creating a new MLflow store at {path}", file=sys.stderr)
-        return
-    fix = "restore it from a backup, or delete it to start a new history"
-    try:
-        with path.open("rb") as f:
-            header = f.read(len(SQLITE_HEADER))
-        if not header:
-            problem = "is empty (0 bytes)"
-        elif header != SQLITE_HEADER:
-            problem = "is not an SQLite database (corrupt or overwritten)"
-        else:
-            ro = f"file:{urllib.parse.quote(str(path))}?mode=ro"
-            with closing(sqlite3.connect(ro, uri=True)) as db:
-                tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
-            missing = [t for t in MLFLOW_TABLES if t not in tables]
-            if not missing:
-                return
-            problem = f"is an SQLite database but not an MLflow store (no {', '.join(missing)} table)"
-            fix = "move it away, or set MLFLOW_TRACKING_URI to the store you meant"
-    except (OSError, sqlite3.Error) as exc:
-        problem = f"cannot be read ({type(exc).__name__}: {exc})"
-        fix = "check its permissions, or restore it from a backup"
-    raise LineageError(f"MLflow store {path} {problem}: {fix}")
-
-
 def find(name: str, digest: str | None = None):
-    """The newest LoggedModel of that name (and digest), or None."""
+    """The newest LoggedModel of that name (and digest) in this record form, or None."""
     import mlflow
 
-    query = f"name = '{name}'" + (f" AND tags.`{TAG}digest` = '{digest}'" if digest else "")
+    query = (f"tags.`{TAG}name` = '{name}' AND tags.`{TAG}record` = '{RECORD}'"
+             + (f" AND tags.`{TAG}digest` = '{digest}'" if digest else ""))
     with mlflow_errors(f"cannot search for model '{name}'"):
         found = mlflow.search_logged_models(filter_string=query, order_by=[{"field_name": "creation_timestamp",
                                                                              "ascending": False}],
@@ -169,38 +89,95 @@ def find(name: str, digest: str | None = None):
 def ensure(name: str, params: dict) -> str:
     """The model id of this artifact as it is on disk now, recording it (and its parents) if new."""
     import mlflow
-    from mlflow.entities import LoggedModelInput
+    from mlflow.entities import LoggedModelOutput
 
     path = model_dir(name, params)
     digest = directory_digest(path)
     existing = find(name, digest)
     if existing is not None:
         return existing.model_id
-    tags = {f"{TAG}name": name, f"{TAG}digest": digest, f"{TAG}path": str(path)}
+    # the page's name says which build it is; tags.mergeforge.name is the name lookups use
+    shown = f"{name}-{digest.partition(':')[2][:8]}"
+    tags = {f"{TAG}name": name, f"{TAG}digest": digest, f"{TAG}path": shown_path(path), f"{TAG}record": RECORD}
     if experiment():  # made by `dvc exp run`: say which experiment
         tags[f"{TAG}experiment"] = experiment()
-    with mlflow_errors(f"cannot record model '{name}'"):
-        if name not in params["merges"]:
-            tags.update({f"{TAG}{k}": str(v) for k, v in params["models"][name].items() if k != "path"})
-            return mlflow.create_external_model(name=name, tags=tags).model_id
+    if name not in params["merges"]:
+        return _record_source(name, params, shown, tags)
     names = parents(name, params)
-    parent_ids = [ensure(p, params) for p in names]
+    parent_models = [_recorded(p, params) for p in names]
     spec = params["merges"][name] | {"recipe": recipe_of(name, params)}
-    tags.update({f"{TAG}method": spec["recipe"]["merge_method"], f"{TAG}dvc_stage": f"merge-{name}",
-                 f"{TAG}git_commit": git_commit(), f"{TAG}inputs": ",".join(names)})
+    method = spec["recipe"]["merge_method"]
+    tags.update({f"{TAG}method": method, f"{TAG}dvc_stage": f"merge-{name}", f"{TAG}git_commit": git_commit(),
+                 f"{TAG}inputs": ",".join(names)})
+    run_tags = dict(tags)
+    model_params = flatten({k: spec[k] for k in ("recipe", "seed", "device") if k in spec})
+    run_params = dict(model_params)
+    model_params["method"] = method
+    for parent, model in zip(names, parent_models):  # the chain on the model's own page
+        parent_digest = model.tags[f"{TAG}digest"]
+        tags[f"{TAG}parent.{parent}"] = f"{parent_digest} {model.model_id}"
+        model_params |= {f"parent.{parent}.digest": parent_digest, f"parent.{parent}.model_id": model.model_id}
     origin = search_origin(name, params)
     if origin:  # which search, study and trial found its recipe (the search's run holds every trial)
         tags.update({f"{TAG}{k}": str(origin[k]) for k in ("search", "study", "trial")})
+        model_params |= {"search": origin["search"], "trial": str(origin["trial"])}
         run_ids = search_run_ids(origin["study"])
         if run_ids:
             tags[f"{TAG}search_run"] = run_ids[0]
-    with mlflow_errors(f"cannot record merge '{name}'"), mlflow.start_run(run_name=f"merge-{name}", tags=tags) as run:
-        mlflow.log_params(flatten({k: spec[k] for k in ("recipe", "seed", "device") if k in spec}))
-        for parent_id in parent_ids:
-            mlflow.log_input(model=LoggedModelInput(parent_id))
-        model = mlflow.initialize_logged_model(name=name, source_run_id=run.info.run_id, tags=tags)
+    with mlflow_errors(f"cannot record merge '{name}'"), mlflow.start_run(run_name=f"merge-{name}",
+                                                                          tags=run_tags) as run:
+        mlflow.log_params(run_params)
+        about = _about_merge(name, method, tags, parent_models, run.info.experiment_id)
+        model = mlflow.initialize_logged_model(name=shown, source_run_id=run.info.run_id, tags=tags | {NOTE: about},
+                                               params=model_params)
         mlflow.finalize_logged_model(model.model_id, "READY")
+        # the run's output, not its inputs: MLflow lists an input's registered versions on the run's page
+        mlflow.MlflowClient().log_outputs(run.info.run_id, [LoggedModelOutput(model.model_id, 0)])
         return model.model_id
+
+
+def _record_source(name: str, params: dict, shown: str, tags: dict) -> str:
+    """A source model: an external LoggedModel whose params and description give where it comes
+    from (hub repo and pinned commit, or its path) and its digest."""
+    import mlflow
+
+    source = {k: str(v) for k, v in params["models"][name].items() if k != "path"}
+    path, digest = tags[f"{TAG}path"], tags[f"{TAG}digest"]
+    about = (f"Hub model `{source.get('repo_id')}` at commit `{source.get('sha')}`" if source["source"] == "hub"
+             else f"Local model at `{path}`") + f", digest `{digest}`."
+    with mlflow_errors(f"cannot record model '{name}'"):
+        return mlflow.create_external_model(name=shown, tags=tags | {f"{TAG}{k}": v for k, v in source.items()}
+                                            | {NOTE: about}, params=source | {"path": path, "digest": digest}).model_id
+
+
+def _recorded(name: str, params: dict):
+    """The LoggedModel of a parent, recorded first if the store lacks it."""
+    import mlflow
+
+    with mlflow_errors(f"cannot read the record of '{name}'"):
+        return mlflow.get_logged_model(ensure(name, params))
+
+
+def _about_merge(name: str, method: str, tags: dict, parent_models: list, experiment_id: str) -> str:
+    """The model page's description (markdown): how it was made, each parent a link to its page."""
+    link = lambda m: f"[{m.name}](#/experiments/{experiment_id}/models/{m.model_id})"  # noqa: E731
+    lines = [f"A `{method}` merge built by stage `merge-{name}` at git commit `{tags[f'{TAG}git_commit'][:12]}`, "
+             f"digest `{tags[f'{TAG}digest']}`. Parents:", ""]
+    lines += [f"- {link(m)}: digest `{m.tags[f'{TAG}digest']}`" for m in parent_models]
+    if f"{TAG}search" in tags:
+        found = f"search `{tags[f'{TAG}search']}`, trial {tags[f'{TAG}trial']}"
+        run = tags.get(f"{TAG}search_run")
+        lines += ["", f"Its recipe was found by {found}"
+                  + (f" ([the search's run](#/experiments/{experiment_id}/runs/{run}))." if run else ".")]
+    return "\n".join(lines)
+
+
+def shown_path(path: Path) -> str:
+    """A path as recorded: relative to the project when inside it, so every clone records the same."""
+    try:
+        return str(Path(path).resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(Path(path).resolve())
 
 
 def experiment() -> str | None:
@@ -220,23 +197,75 @@ def search_run_ids(study: str) -> list[str]:
             and "mlflow.parentRunId" not in r.data.tags]  # not the merge built from it, nor a trial
 
 
-def log_metrics(name: str, model_id: str, metrics: dict, suites: dict, split: str = "test") -> None:
-    """One evaluation run per model and split: each score linked to the model and to the data file
-    it was scored on (test scores as `suite.task.kind`, others with the split's name appended)."""
+def task_data(suites: dict, suite: str, task: str, split: str) -> Path:
+    files = suites[suite]["tasks"][task]
+    return Path(files.get(split) or files["file"])
+
+
+def evaluation_key(suites: dict, metrics: dict, split: str) -> tuple[str, dict[str, str]]:
+    """What produced a split's scores: a digest over each scored suite's settings and the sha256 of
+    each task's data, and those settings as run params ({'skills.tasks.add.sha256': ..., ...})."""
+    settings: dict[str, str] = {}
+    for suite in sorted(metrics):
+        conf = {k: v for k, v in suites[suite].items() if k != "tasks"}
+        settings.update(flatten(conf, suite))
+        for task in sorted(suites[suite]["tasks"]):
+            data = task_data(suites, suite, task, split)
+            settings[f"{suite}.tasks.{task}.data"] = shown_path(data)
+            settings[f"{suite}.tasks.{task}.sha256"] = file_sha256(data)
+    unplaced = {k: v for k, v in settings.items() if not k.endswith(".data")}  # paths differ between clones
+    return hashlib.sha256(json.dumps(unplaced, sort_keys=True).encode()).hexdigest()[:16], settings
+
+
+def log_metrics(name: str, model_id: str, metrics: dict, suites: dict, split: str = "test") -> str:
+    """The evaluation run of this model, split and suites: found when already recorded, else one
+    run whose params are the suites' settings and data digests, each score linked to the model and
+    to its dataset (named suite/task, digest = the evaluation key). The model is tagged with the run
+    (mergeforge.eval.SPLIT), so its page says which set of metrics is current. Returns the run id."""
     import mlflow
     from mlflow.data.dataset_source_registry import resolve_dataset_source
     from mlflow.data.meta_dataset import MetaDataset
 
     suffix = "" if split == "test" else f".{split}"
-    with mlflow_errors(f"cannot log the metrics of '{name}'"), mlflow.start_run(run_name=f"eval-{name}{suffix}"):
-        for suite, by_kind in sorted(metrics.items()):
-            for kind, scores in by_kind.items():
-                for task, value in sorted(scores.items()):
-                    files = suites[suite]["tasks"][task]
-                    data = Path(files.get(split) or files["file"]).resolve()
-                    dataset = MetaDataset(resolve_dataset_source(str(data)), name=f"{suite}/{task}{suffix}",
-                                          digest=file_sha256(data)[:16])
-                    mlflow.log_metric(f"{suite}.{task}.{kind}{suffix}", value, model_id=model_id, dataset=dataset)
+    key, settings = evaluation_key(suites, metrics, split)
+    model = mlflow.get_logged_model(model_id)
+    digest = model.tags[f"{TAG}digest"]
+    tags = {f"{TAG}name": name, f"{TAG}digest": digest, f"{TAG}split": split, f"{TAG}evaluation": key,
+            f"{TAG}dvc_stage": f"eval-{name}"} | ({f"{TAG}experiment": experiment()} if experiment() else {})
+    query = " AND ".join(f"tags.`{k}` = '{tags[k]}'" for k in (f"{TAG}name", f"{TAG}digest", f"{TAG}split",
+                                                               f"{TAG}evaluation")) + " AND attributes.status = 'FINISHED'"
+    with mlflow_errors(f"cannot log the metrics of '{name}'"):
+        found = mlflow.search_runs(experiment_ids=[model.experiment_id], filter_string=query, output_format="list",
+                                   order_by=["start_time ASC"], max_results=1)
+        if found:
+            run_id = found[0].info.run_id
+        else:
+            with mlflow.start_run(run_name=f"eval-{name}{suffix}", tags=tags) as run:
+                mlflow.log_params(settings)
+                for suite, by_kind in sorted(metrics.items()):
+                    for kind, scores in by_kind.items():
+                        for task, value in sorted(scores.items()):
+                            data = task_data(suites, suite, task, split)
+                            dataset = MetaDataset(resolve_dataset_source(shown_path(data)),
+                                                  name=f"{suite}/{task}{suffix}", digest=key)
+                            mlflow.log_metric(f"{suite}.{task}.{kind}{suffix}", value, model_id=model_id,
+                                              dataset=dataset)
+                run_id = run.info.run_id
+        current = model.tags | {f"{TAG}eval.{split}": f"{run_id} (evaluation {key})"}
+        mlflow.set_logged_model_tags(model_id, {f"{TAG}eval.{split}": current[f"{TAG}eval.{split}"],
+                                                NOTE: _with_current_scores(current, model.experiment_id)})
+    return run_id
+
+
+def _with_current_scores(tags: dict, experiment_id: str) -> str:
+    """The model's description with its last paragraph naming the evaluation runs whose scores are
+    current (of the suites as params.yaml has them now), one link per split."""
+    about = tags.get(NOTE, "").split(CURRENT)[0].rstrip()
+    runs = sorted((k.removeprefix(f"{TAG}eval."), v.split()[0], v.split()[-1].rstrip(")"))
+                  for k, v in tags.items() if k.startswith(f"{TAG}eval."))
+    shown = ", ".join(f"[{split}](#/experiments/{experiment_id}/runs/{run}) (dataset digest `{key}`)"
+                      for split, run, key in runs)
+    return f"{about}\n\n{CURRENT} {shown}."
 
 
 def register(name: str, model_id: str, alias: str) -> int:

@@ -16,8 +16,8 @@ import yaml
 from omegaconf import DictConfig
 
 from ..common.errors import ConfigError
-from ..common.layout import (ancestors, metrics_file, model_dir, parents, publish_dir, report_files, roles,
-                             search_files, sweep_files)
+from ..common.layout import (ancestors, card_images, metrics_file, model_dir, parents, publish_dir, report_files,
+                             roles, search_files, sweep_files)
 from ..common.splits import data_files, split_names
 from ..search.space import dimension_names
 
@@ -157,16 +157,18 @@ def render_dvc_yaml(graph: Graph, params: dict, cfg: DictConfig, conf_dir: Path,
             "deps": (code("search") + [folder(ref) for ref in parents(name, params)]
                      + [_dep_path(path, root) for path in data_files(search["objective"]["data"], "validation")]),
             "params": [f"searches.{name}"] + code_key("search"),
-            "outs": [{files["recipe"]: {"cache": False}}, {files["trials"]: {"cache": False}}],  # plots: below
+            "outs": [{files[kind]: {"cache": False}} for kind in ("recipe", "trials", "trials_png")],  # plots: below
             "metrics": [{files["best"]: {"cache": False}}],
         }
-        plots.append({f"search-{name}: objective per trial": {
-            "title": f"{name}: validation objective per trial, and the best so far", "template": "linear",
-            "x": "trial", "y": {files["trials"]: ["objective", "best"]}}})
+        plots.append({f"search-{name}: objective per trial": {  # simple: lines through the points, no smoothing
+            "title": f"{name}: validation objective per trial, and the best so far",
+            "template": "simple", "x": "trial", "y": {files["trials"]: ["objective", "best"]},
+            "x_label": "trial", "y_label": "validation objective"}})
         for dim in dimension_names(search):
             plots.append({f"search-{name}: {dim}": {
                 "title": f"{name}: validation objective against {dim}", "template": "scatter",
-                "x": {files["trials"]: dim}, "y": {files["trials"]: "objective"}}})
+                "x": {files["trials"]: dim}, "y": {files["trials"]: "objective"},
+                "x_label": dim, "y_label": "validation objective"}})
     for name in graph.merges:
         stages[f"merge-{name}"] = {
             "cmd": f"python -m stages.merge {name}",
@@ -192,11 +194,15 @@ def render_dvc_yaml(graph: Graph, params: dict, cfg: DictConfig, conf_dir: Path,
                 "deps": code("evaluate") + [metrics(m) for _, m in roles(name, params)],
                 "params": ["evaluate.baseline"] + _recipes_read(name, params) + code_key("evaluate"),
                 # scores.json is drawn by the top-level plot below: declared a plot here too, DVC drew it twice
-                "outs": [{report["table"]: {"cache": False}}, {report["scores"]: {"cache": False}}],
+                "outs": [{report[k]: {"cache": False}} for k in ("table", "scores", "scores_png", "retention_png")],
                 "metrics": [{report["retention"]: {"cache": False}}],
             }
-            plots.append({report["scores"]: {"title": f"{name}: merge vs parents and base", "template":
-                          "bar_horizontal", "x": "score", "y": "label"}})
+            # one bar per (task, model), grouped by task (labels sort as "suite/task: model (role)"): sorted
+            # by value, bars of tasks and metrics of different scales would interleave; DVC colours by
+            # revision only (`dvc plots diff`), so the merge is highlighted in scores.png
+            plots.append({report["scores"]: {
+                "title": f"{name}: merge vs parents and base, per task", "template": "bar_horizontal",
+                "x": "score", "y": "label", "x_label": "score (each task's metric)", "y_label": "task: model (role)"}})
         tasks = [f"{suite}/{task}" for suite, body in sorted(params["evaluate"]["suites"].items())
                  for task in sorted(body["tasks"])]
         for name, sweep in params["sweeps"].items():
@@ -206,23 +212,40 @@ def render_dvc_yaml(graph: Graph, params: dict, cfg: DictConfig, conf_dir: Path,
                 "cmd": f"python -m stages.evaluate.sweep {name}",
                 "deps": code("evaluate") + [metrics(m) for m in sweep["recipes"]],
                 "params": [f"sweeps.{name}"] + code_key("evaluate"),
-                "outs": [{str(files["table"]): {"cache": False}}, {curve: {"cache": False}}],  # plotted below
+                "outs": [{str(files[k]): {"cache": False}} for k in ("table", "curve", "curve_png")],  # plotted below
             }
-            plots.append({curve: {"title": f"{name}: score against {sweep['key']}", "template": "linear",
-                                  "x": "value", "y": tasks}})
+            plots.append({curve: {"title": f"{name}: score against {sweep['key']}", "template": "simple", "x": "value",
+                                  "y": tasks, "x_label": sweep["key"], "y_label": "score (each task's metric)"}})
     for target, spec in params["publish"].items():
         model = spec["model"]
         stages[f"publish-{target}"] = {
             "cmd": f"python -m stages.publish {target}",
             "deps": (code("publish") + _found_recipe(model, params)
                      + [folder(m) for m in [model] + parents(model, params)]  # digests on the card
-                     + [folder(m) for m in _unlicensed(model, params)] + [metrics(m) for _, m in roles(model, params)]),
+                     + [folder(m) for m in _unlicensed(model, params)] + [metrics(m) for _, m in roles(model, params)]
+                     + [str(path) for path in card_images(model, params).values()]),  # the card's pictures
             "params": (["evaluate.baseline", f"publish.{target}"] + _card_params(model, params, target)
                        + code_key("publish")),
             "outs": [{str(publish_dir(target, params)): {"cache": False}}],
         }
+    if graph.models or graph.merges:
+        stages["lineage"] = _lineage_stage(graph, params, root, code("lineage"), code_key("lineage"))
     stages = {name: {k: v for k, v in stage.items() if v != []} for name, stage in stages.items()}  # no `params: []`
     return yaml.safe_dump({"stages": stages} | ({"plots": plots} if plots else {}), sort_keys=False, width=120)
+
+
+def _lineage_stage(graph: Graph, params: dict, root: Path, code: list[str], code_key: list[str]) -> dict:
+    """The last stage, run by every `dvc repro`: records in MLflow whatever current build the store
+    lacks (a teammate's clone after `dvc pull`, a fresh store), from all that the builds made."""
+    suites = params["evaluate"]["suites"]
+    built = graph.models + graph.merges
+    files = ([_dep_path(str(model_dir(m, params)), root) for m in built]
+             + [str(metrics_file(m, params, split)) for m in built if suites for split in split_names(suites)]
+             + sorted({_dep_path(path, root) for suite in suites.values() for path in data_files(suite)})
+             + [f for m in graph.merges for f in _found_recipe(m, params)]
+             + [str(publish_dir(target, params)) for target in params["publish"]])
+    return {"cmd": "python -m stages.lineage --sync", "always_changed": True,
+            "deps": code + files, "params": ["models", "merges", "evaluate.suites", "publish"] + code_key}
 
 
 def _found_recipe(name: str, params: dict) -> list[str]:

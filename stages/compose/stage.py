@@ -192,7 +192,7 @@ def resolved_params(cfg: DictConfig, graph: Graph, root: Path, pin: bool = True)
     if not code_is_inside(root):
         used = {"demo": cfg.demo.enabled, "fetch": any(m["source"] == "hub" for m in models.values()),
                 "merge": bool(merges), "evaluate": bool(suites and (models or merges)), "publish": bool(publish),
-                "search": bool(searches)}
+                "search": bool(searches), "lineage": bool(models or merges)}
         if any(used.values()):
             params["code"] = code_digests([package for package, needed in used.items() if needed])
     return params

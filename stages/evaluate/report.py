@@ -8,6 +8,8 @@ differences are taken from is shown as the base. Writes artifacts/reports/NAME/:
   report.md       the table (every task, the merge, each parent, the base, retention)
   retention.json  {suite: {task: retention}}                   (DVC metrics)
   scores.json     one row per (task, model) for the bar plots   (DVC plots)
+  scores.png      the same as a picture: per-task bars, the merge highlighted, values written on them
+  retention.png   retention per task as a picture, with the line at 1.0 (report.md shows both)
 
     python -m stages.evaluate.report NAME
     python -m stages.evaluate.report --all     (every model's scores as one table: `mergeforge report`)
@@ -20,6 +22,7 @@ from pathlib import Path
 
 import yaml
 
+from ..common import pictures
 from ..common.atomic import write_json, write_text
 from ..common.errors import EvalError
 from ..common.layout import metrics_file, report_dir, report_files, roles
@@ -81,7 +84,11 @@ def write(name: str, params: dict) -> Path:
             for t in comparison["tasks"] for role, m in comparison["models"] if t["scores"][m] is not None]
     write_json(files["retention"], kept)
     write_json(files["scores"], {"scores": rows})
-    write_text(files["table"], markdown(name, comparison))
+    pictures.save(pictures.scores(name, comparison), files["scores_png"])
+    pictures.save(pictures.retention(name, comparison), files["retention_png"])
+    shown = (f"![{name}: the merge against its parents and base, per task]({files['scores_png'].name})\n\n"
+             f"![{name}: retention per task]({files['retention_png'].name})\n")
+    write_text(files["table"], markdown(name, comparison) + "\n" + shown)
     return report_dir(name, params)
 
 

@@ -2,6 +2,7 @@
 down to the source models (hub repo and commit, or local path) with their content digests.
 
     python -m stages.lineage NAME      (run in the project; MLFLOW_TRACKING_URI overrides the store)
+    python -m stages.lineage --sync    (record every current build that the store lacks: sync.py)
 
 When the artifact is on disk, the record of exactly those bytes is shown; otherwise the newest
 record of that name.
@@ -18,6 +19,7 @@ from ..common import tracking
 from ..common.digest import directory_digest
 from ..common.errors import LineageError
 from ..common.layout import model_dir
+from ..common.store import shown_uri
 
 TAG = tracking.TAG
 
@@ -31,8 +33,8 @@ def record_of(name: str, params: dict | None):
     model = tracking.find(name, digest)
     if model is None:
         state = f"with digest {digest}" if digest else "at all"
-        raise LineageError(f"MLflow at {tracking.shown_uri(tracking.tracking_uri())} has no record of '{name}' "
-                           f"{state}: run `dvc repro` (its merge or eval stage records it)")
+        raise LineageError(f"MLflow at {shown_uri(tracking.tracking_uri())} has no record of '{name}' "
+                           f"{state}: run `dvc repro`, or `mergeforge lineage --sync` where the build is done")
     return model
 
 
@@ -50,20 +52,17 @@ def describe(model, with_id: bool = True) -> str:
         what = f"hub {tags.get(f'{TAG}repo_id')} @ {tags.get(f'{TAG}sha', '?')}"
     else:
         what = f"local {tags.get(f'{TAG}path')}"
-    return f"{model.name}  {what}  {digest}" + (f"  [{model.model_id}]" if with_id else "")
+    return f"{tags.get(f'{TAG}name', model.name)}  {what}  {digest}" + (f"  [{model.model_id}]" if with_id else "")
 
 
 def parents_of(model) -> list:
-    """The models the run that built this one took as inputs, in recipe order (none for sources)."""
+    """The models this one was merged from, in recipe order (none for sources): each parent's
+    model id is in its tag mergeforge.parent.NAME ("<digest> <model id>")."""
     import mlflow
 
-    if not model.source_run_id:
-        return []
-    with tracking.mlflow_errors(f"cannot read the run that built '{model.name}'"):
-        run = mlflow.get_run(model.source_run_id)
-        found = [mlflow.get_logged_model(i.model_id) for i in (run.inputs.model_inputs or [])]
-    order = run.data.tags.get(f"{TAG}inputs", "").split(",")
-    return sorted(found, key=lambda m: order.index(m.name) if m.name in order else len(order))
+    names = [n for n in model.tags.get(f"{TAG}inputs", "").split(",") if n]
+    with tracking.mlflow_errors(f"cannot read the parents of '{model.name}'"):
+        return [mlflow.get_logged_model(model.tags[f"{TAG}parent.{n}"].split()[-1]) for n in names]
 
 
 def tree(model, with_id: bool = True, prefix: str = "", last: bool = True, root: bool = True) -> list[str]:
@@ -78,13 +77,24 @@ def tree(model, with_id: bool = True, prefix: str = "", last: bool = True, root:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m stages.lineage", description=__doc__.split("\n\n")[0])
-    p.add_argument("name", metavar="NAME", help="a model (conf/models) or merge (conf/merges) by name; the store "
-                   "is MLFLOW_TRACKING_URI when set, else mlflow.db in the current directory")
-    name = p.parse_args(argv).name
+    p.add_argument("name", metavar="NAME", nargs="?", help="a model (conf/models) or merge (conf/merges) by name; "
+                   "the store is MLFLOW_TRACKING_URI when set, else mlflow.db in the current directory")
+    p.add_argument("--sync", action="store_true", help="record every current build (models, merges, metrics, "
+                   "registry aliases) the store lacks, from params.yaml and the files (builds `dvc status` "
+                   "finds out of date are left out); `dvc repro` does this in its last stage")
+    args = p.parse_args(argv)
+    if args.sync == bool(args.name):
+        p.error("give NAME, or --sync")
     params = yaml.safe_load(Path("params.yaml").read_text()) if Path("params.yaml").is_file() else None
     try:
+        if args.sync:
+            if params is None:
+                raise LineageError("no params.yaml here: run in a project's root")
+            from .sync import run
+
+            return run(params)
         tracking.connect(create=False)
-        print("\n".join(tree(record_of(name, params))))
+        print("\n".join(tree(record_of(args.name, params))))
     except LineageError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

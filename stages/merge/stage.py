@@ -1,5 +1,5 @@
 """merge stage: build one recipe of conf/merges (or the one a search of conf/searches found) with
-mergekit_ops into artifacts/merges/NAME and record it in MLflow (its parents as model inputs).
+mergekit_ops into artifacts/merges/NAME and record it in MLflow (its parents named on its record).
 
 The recipe names its inputs (models of conf/models, other recipes); params.yaml maps each name
 to the artifact directory DVC tracks for it.

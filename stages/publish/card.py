@@ -1,13 +1,20 @@
 """The model card of a published merge: front matter the hub indexes (parents as `base_model` with
 `base_model_relation: merge`, tags, license, model-index results) and a body that says how the
-model was made and what it scored."""
+model was made and what it scored, with the report's pictures (and the search's, for a merge a
+search found) copied into the repo beside it: `card_images` says which."""
 from __future__ import annotations
+
+import shutil
+from pathlib import Path
 
 import yaml
 
 from ..common.errors import PublishError
-from ..common.layout import model_dir, parents
+from ..common.layout import card_images, model_dir, parents
 from ..common.recipes import recipe_of, search_origin
+
+ALT = {"images/scores.png": "the merge against its parents and base, per task",
+       "images/retention.png": "retention per task", "images/trials.png": "the search: validation objective per trial"}
 
 
 def hub_id(name: str, params: dict) -> str | None:
@@ -86,6 +93,7 @@ def _body(data, name: str, params: dict, comparison: dict, lineage: list[str], d
         "## Recipe", "", "```yaml", recipe.rstrip(), "```", "",
         "## Lineage", "", "```", *lineage, "```", "",
         "## Evaluation", "", table.rstrip(), "",
+        *[f"![{name}: {ALT[rel]}]({rel})\n" for rel in card_images(name, params)],
         "## Content digests", "", "| model | sha256 of its files |", "|---|---|", digest_rows, "",
     ])
 
@@ -97,3 +105,13 @@ def _found(name: str, params: dict) -> str:
     return (f" The recipe was found by the search `{origin['search']}`: trial {origin['trial']}, the best of "
             f"{origin['trials']}, tuned on validation prompts (objective {origin['objective']:.4g}); the scores "
             "below are on test prompts no trial saw.")
+
+
+def copy_images(name: str, params: dict, folder: Path) -> None:
+    """Copy the card's pictures into the repo folder, where the card's links find them."""
+    for rel, source in card_images(name, params).items():
+        if not source.is_file():
+            raise PublishError(f"{source}: missing, a picture the card of '{name}' shows; its report or search "
+                               "stage draws it (`dvc repro`)")
+        (folder / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(source, folder / rel)

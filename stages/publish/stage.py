@@ -2,7 +2,8 @@
 target says so and the model passes the target's gates.
 
 Writes artifacts/publish/TARGET/ (atomically):
-  repo/          what the hub repo holds: the merge's files (hard links) and README.md, the card
+  repo/          what the hub repo holds: the merge's files (hard links), README.md (the card) and
+                 images/ (the report's pictures the card shows)
   receipt.json   the gates' verdict, each staged file's sha256 and, after a push, the commit and URL
 A model that fails a gate is not staged, registered or pushed: the stage says which metric failed
 and writes a receipt saying so (it does not fail the build: the rest of the pipeline goes on).
@@ -26,7 +27,7 @@ from ..common.layout import model_dir, parents, publish_dir
 from ..common.stage_cli import in_section, run_stage
 from ..evaluate.report import compare
 from ..lineage.stage import tree
-from .card import build_card
+from .card import build_card, copy_images
 from .push import push
 
 GATES = {"min_retention": (">=", "retention"), "min_score": (">=", "score"), "max_score": ("<=", "score")}
@@ -119,6 +120,7 @@ def _stage(target: str, params: dict, comparison: dict, model_id: str, folder: P
     with tracking.mlflow_errors(f"cannot read the record of '{name}'"):
         lineage = tree(mlflow.get_logged_model(model_id), with_id=False)  # the card: the same on every machine
     build_card(target, params, comparison, lineage, digests).save(folder / "README.md")
+    copy_images(name, params, folder)
     return folder
 
 

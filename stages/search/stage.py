@@ -4,6 +4,7 @@ write what it found to artifacts/searches/NAME/:
   best.json    the best trial: its number, values, validation scores and objective (DVC metrics)
   trials.json  every finished trial: values, validation scores, objective, best so far (DVC
                plots: the objective per trial, and against each value)
+  trials.png   the objective per trial and the best so far, as a picture (the model card shows it)
 Trials are tuned on the validation split of the objective's suite only. Each trial is also a nested
 MLflow run under the search's run, with its seconds: the one thing that differs between two runs
 of a search, so it stays out of these files (the same search gives the same bytes).
@@ -23,6 +24,7 @@ import yaml
 
 from mergekit_ops import MergeError, RecipeError
 
+from ..common import pictures
 from ..common.atomic import write_json, write_text
 from ..common.errors import EvalError, LineageError, SearchError
 from ..common.layout import search_files
@@ -78,7 +80,7 @@ def _best(study):
 
 
 def write_results(name: str, params: dict, study, space: Space) -> Path:
-    """recipe.yaml, best.json and trials.json from the study's finished trials."""
+    """recipe.yaml, best.json, trials.json and trials.png from the study's finished trials."""
     from optuna.trial import TrialState
 
     spec = params["searches"][name]
@@ -104,6 +106,7 @@ def write_results(name: str, params: dict, study, space: Space) -> Path:
                                "validation": {suite: {kind: best.user_attrs.get("scores", {})}},
                                "study": study.study_name})
     write_json(files["trials"], {"trials": rows})
+    pictures.save(pictures.search(name, rows), files["trials_png"])
     write_text(files["recipe"], header + yaml.safe_dump(recipe, sort_keys=False))
     return files["recipe"]
 
