@@ -3,7 +3,7 @@
 A gradient `[a, b, c]` is sampled piecewise-linearly at t = layer / (layers - 1) within a slice;
 tensors outside the layer stack (embeddings, final norm, lm_head) take t = 0, the first value.
 A filter list `[{filter: mlp, value: ...}, {value: ...}]` picks the first entry whose filter is a
-substring of the tensor name; an entry without `filter` matches everything.
+substring of the tensor name; an entry without `filter`, or with `filter: "*"`, matches everything.
 """
 from __future__ import annotations
 
@@ -42,7 +42,7 @@ def resolve(value: Any, tensor_name: str, t: float) -> Any:
     """The scalar a parameter takes for one tensor at relative layer position t in [0, 1]."""
     if isinstance(value, list) and value and isinstance(value[0], dict):
         for entry in value:
-            if "filter" not in entry or entry["filter"] in tensor_name:
+            if entry.get("filter") in (None, "*") or entry["filter"] in tensor_name:  # "*": all, as mergekit
                 return resolve(entry["value"], tensor_name, t)
         return None
     if isinstance(value, list):

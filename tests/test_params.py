@@ -27,6 +27,13 @@ def test_filter_list_first_substring_match_wins_with_fallback():
     assert resolve(value, "model.layers.0.mlp.up_proj.weight", 0.0) == 3.0
 
 
+def test_a_star_filter_matches_every_tensor_as_in_mergekit():
+    value = [{"filter": "mlp", "value": random.random()}, {"filter": "*", "value": random.random()}]
+    for name in ("model.embed_tokens.weight", "model.layers.7.self_attn.o_proj.weight", "lm_head.weight"):
+        assert resolve(value, name, random.random()) == value[1]["value"]
+    assert resolve(value, "model.layers.0.mlp.down_proj.weight", 0.0) == value[0]["value"]  # first match wins
+
+
 def test_filter_without_match_is_unset():
     assert resolve([{"filter": "mlp", "value": 1.0}], "model.norm.weight", 0.0) is None
 
