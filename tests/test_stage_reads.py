@@ -158,8 +158,9 @@ def test_a_new_score_of_the_base_reruns_publish_and_reaches_the_card(built):
 
 def test_a_teammate_clone_pull_and_repro_gives_the_whole_lineage(built, tmp_path):
     """A teammate with a fresh store: `git clone`, `dvc pull`, `dvc repro` rebuilds nothing (but the
-    staging folder of the publish target), leaves git clean, and their store then holds every model, merge, metric set and alias of the build;
-    `--sync` by hand into another store leaves out the builds an unbuilt edit makes stale."""
+    staging folder of the publish target), leaves git clean, and their store then holds every
+    model, merge, metric set and alias of the build; `--sync` by hand into another store leaves
+    out the builds an unbuilt edit makes stale."""
     import mlflow
 
     project, env, _ = built
