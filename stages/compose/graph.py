@@ -178,7 +178,7 @@ def render_dvc_yaml(graph: Graph, params: dict, cfg: DictConfig, conf_dir: Path,
         }
     if params["evaluate"]["suites"]:
         suites = params["evaluate"]["suites"]
-        data = sorted({_dep_path(path, root) for suite in suites.values() for path in data_files(suite)})
+        data = _suite_data(suites, root)
         for name in graph.models + graph.merges:
             stages[f"eval-{name}"] = {
                 "cmd": f"python -m stages.evaluate {name}",
@@ -241,11 +241,16 @@ def _lineage_stage(graph: Graph, params: dict, root: Path, code: list[str], code
     built = graph.models + graph.merges
     files = ([_dep_path(str(model_dir(m, params)), root) for m in built]
              + [str(metrics_file(m, params, split)) for m in built if suites for split in split_names(suites)]
-             + sorted({_dep_path(path, root) for suite in suites.values() for path in data_files(suite)})
+             + _suite_data(suites, root)
              + [f for m in graph.merges for f in _found_recipe(m, params)]
              + [str(publish_dir(target, params)) for target in params["publish"]])
     return {"cmd": "python -m stages.lineage --sync", "always_changed": True,
             "deps": code + files, "params": ["models", "merges", "evaluate.suites", "publish"] + code_key}
+
+
+def _suite_data(suites: dict, root: Path) -> list[str]:
+    """Every data file of every suite, both splits: what evaluations read, and records digest."""
+    return sorted({_dep_path(path, root) for suite in suites.values() for path in data_files(suite)})
 
 
 def _found_recipe(name: str, params: dict) -> list[str]:
