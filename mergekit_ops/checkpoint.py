@@ -13,11 +13,15 @@ import pickle
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
+from typing import TYPE_CHECKING
 
 import torch
 
 from .errors import CheckpointError
 from .safetensors_io import TensorInfo, open_regular, read_header
+
+if TYPE_CHECKING:
+    from .lora import Adapter
 
 PICKLE_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.pt", "model.ckpt")
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
@@ -63,9 +67,19 @@ class Checkpoint:
     tensors: dict[str, TensorInfo]
     config: dict = field(default_factory=dict)
     pickle_state: dict[str, torch.Tensor] | None = None
+    adapter: "Adapter | None" = None  # a `model+adapter` reference: the LoRA merged in as tensors are read
 
     @classmethod
     def open(cls, ref: str, base_dir: Path | None = None, allow_pickle: bool = False) -> "Checkpoint":
+        from .lora import Adapter, split_ref  # lora.py reads adapter folders with this module's helpers
+
+        lora = split_ref(ref, base_dir)
+        if lora is not None:
+            ckpt = cls.open(lora[0], base_dir, allow_pickle)
+            ckpt.adapter = Adapter.open(lora[1], base_dir)
+            ckpt.adapter.check(ckpt.tensors, lora[0])
+            ckpt.ref = ref
+            return ckpt
         path = resolve_model_dir(ref, base_dir)
         config = read_json(path, "config.json", ref, dict) or {}
         files = _safetensors_files(path, ref)

@@ -18,16 +18,17 @@ from typing import Callable
 import torch
 
 from . import collector
-from .checkpoint import Checkpoint, resolve_model_dir
+from .checkpoint import Checkpoint
 from .devices import is_device_name
 from .errors import MergeError
 from .files import side_files_bytes, write_side_files
+from .lora import input_dirs
 from .methods.job import TensorJob
 from .outdir import check_out_dir, check_space, clean_leftovers, mark, replace_dir, temp_dir, write_failure
 from .outputs import OutputBuffers
 from .plan import MergePlan, TensorTask, build_plan
 from .recipe import Recipe, load_recipes
-from .safetensors_io import ShardWriter, open_regular, plan_shards, read_tensor, tensor_nbytes
+from .safetensors_io import ShardWriter, TensorInfo, open_regular, plan_shards, read_tensor, tensor_nbytes
 from .transfers import Transfers
 from .vocab import align
 
@@ -74,8 +75,8 @@ def merge_file(recipe_path: str | Path, out_dir: str | Path, options: MergeOptio
     if len(recipes) == 1:
         return merge(recipes[0], out_dir, options, base_dir)
     names = {r.name for r in recipes}
-    sources = {f"model '{ref}'": resolve_model_dir(ref, base_dir)
-               for r in recipes for ref in r.model_refs() if ref not in names}
+    sources = {what: path for r in recipes for ref in r.model_refs() if ref.split("+")[0] not in names
+               for what, path in input_dirs(ref, base_dir).items()}
     check_out_dir(out_dir, sources, _places(base_dir))  # before the first document is built
     clean_leftovers(out_dir)
     keep = intermediate_dir is not None
@@ -144,7 +145,9 @@ def execute(plan: MergePlan, out_dir: Path, options: MergeOptions, base_dir: Pat
     """Merge a plan into out_dir (see outdir.py for what it may replace); base_dir: the recipe's folder."""
     device = _device(options.device)
     out_dir = out_dir.absolute()
-    check_out_dir(out_dir, {f"model '{c.ref}'": c.path for c in plan.checkpoints}, _places(base_dir))
+    inputs = {f"model '{c.ref.split('+')[0] if c.adapter else c.ref}'": c.path for c in plan.checkpoints}
+    inputs.update({f"adapter '{c.adapter.ref}'": c.adapter.path for c in plan.checkpoints if c.adapter})
+    check_out_dir(out_dir, inputs, _places(base_dir))
     clean_leftovers(out_dir)
     tmp = temp_dir(out_dir)
     writer = ShardWriter(tmp, plan_shards([(t.name, t.out_dtype, t.shape) for t in plan.tasks],
@@ -245,9 +248,10 @@ class _Reader:
 
     def read(self, idx: int, name: str) -> torch.Tensor:
         ckpt = self.checkpoints[idx]
-        if ckpt.pickle_state is not None:
-            return ckpt.read_pickled(name)
-        info = ckpt.tensors[name]
+        w = ckpt.read_pickled(name) if ckpt.pickle_state is not None else self.read_info(ckpt.tensors[name])
+        return ckpt.adapter.apply(name, w, self.read_info) if ckpt.adapter else w
+
+    def read_info(self, info: TensorInfo) -> torch.Tensor:
         fd = self.fds.get(info.path)
         if fd is None:
             fd = self.fds[info.path] = open_regular(info.path)

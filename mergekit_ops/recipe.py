@@ -77,11 +77,17 @@ class Recipe:
     def rename_models(self, mapping: dict[str, str]) -> None:
         """Replace model references found in `mapping` (names of earlier documents, pipeline
         names) by what they stand for, wherever the recipe names a model."""
+        def renamed(ref: str | None) -> str | None:  # `document+adapter` too
+            if ref is None:
+                return None
+            model, plus, adapter = ref.partition("+")
+            return mapping[model] + plus + adapter if model in mapping else ref
+
         for source in (self.models or []) + [s for sl in self.slices or [] for s in sl.sources]:
-            source.model = mapping.get(source.model, source.model)
-        self.base_model = mapping.get(self.base_model, self.base_model)
+            source.model = renamed(source.model)
+        self.base_model = renamed(self.base_model)
         for sl in self.slices or []:
-            sl.base_model = mapping.get(sl.base_model, sl.base_model)
+            sl.base_model = renamed(sl.base_model)
         if self.tokenizer_source is not None:
             name = self.tokenizer_source.removeprefix("model:")
             self.tokenizer_source = mapping.get(name, self.tokenizer_source)
@@ -130,8 +136,8 @@ def order_documents(recipes: list[Recipe], source: str) -> list[Recipe]:
             raise RecipeError(f"documents refer to each other in a cycle: {cycle}", source, "name")
         visiting.append(r.name)
         for ref in r.model_refs():
-            if ref in by_name:
-                visit(by_name[ref])
+            if ref.partition("+")[0] in by_name:  # a document, perhaps with a LoRA adapter
+                visit(by_name[ref.partition("+")[0]])
         visiting.pop()
         ordered.append(r)
 
@@ -318,13 +324,25 @@ def _source(item: Any, source: str, key: str, need_range: bool) -> Source:
 def _model_ref(value: Any, source: str, key: str, optional: bool = False) -> str | None:
     if value is None and optional:
         return None
-    if isinstance(value, dict) and "model" in value:  # mergekit's long form {model: {path: ...}}
-        value = value["model"].get("path") if isinstance(value["model"], dict) else value["model"]
+    if isinstance(value, dict) and "model" in value:  # mergekit's long form {model: {path: ...}, lora: ...}
+        value = "+".join(_long_path(value[part], source, f"{key}.{part}") for part in ("model", "lora")
+                         if value.get(part) is not None)
     if not isinstance(value, str) or not value or "\0" in value:
         raise RecipeError("a model path or hub id (string)", source, key)
-    if "+" in value and not Path(value).exists():
-        raise RecipeError(f"'{value}': LoRA adapters (model+lora) are not supported", source, key)
+    if "+" in value and not Path(value).exists() and (value.count("+") != 1 or not all(value.split("+"))):
+        raise RecipeError(f"'{value}': a LoRA reference is MODEL+ADAPTER, one '+' between two non-empty parts",
+                          source, key)
     return value
+
+
+def _long_path(value: Any, source: str, key: str) -> str:
+    """`{path: P, revision: R}` (or a plain string) as the short form P@R."""
+    if isinstance(value, str):
+        return value
+    if not isinstance(value, dict) or not isinstance(value.get("path"), str):
+        raise RecipeError("a mapping with 'path' (and optionally 'revision')", source, key)
+    revision = value.get("revision")
+    return value["path"] + (f"@{revision}" if revision else "")
 
 
 def _params(value: Any, source: str, key: str) -> dict[str, Any]:

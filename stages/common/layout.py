@@ -3,7 +3,8 @@
 Every stage, and compose when it writes dvc.yaml, asks this module: no other code spells an
 artifact path, so the graph DVC checks and the files the stages write cannot drift apart.
 
-    artifacts/models/NAME            a hub model, fetched (a local model is read where it lies)
+    artifacts/models/NAME            a hub model, fetched, or a model with its LoRA adapter merged in
+                                     (a local model without one is read where it lies)
     artifacts/merges/NAME            a merge
     artifacts/eval/NAME.json         a model's or merge's metrics on the test split
     artifacts/eval/NAME.validation.json            ... and on the validation split
@@ -22,11 +23,17 @@ def _root(params: dict) -> Path:
 
 
 def model_dir(name: str, params: dict) -> Path:
-    """A local source in place, a hub model from its fetch stage, a merge from its merge stage."""
+    """A local source in place; a hub model, or one with an adapter, from its fetch stage; a merge
+    from its merge stage."""
     model = params["models"].get(name)
     if model is None:
         return merge_dir(name, params)
-    return Path(model["path"]) if model["source"] == "local" else _root(params) / "models" / name
+    return _root(params) / "models" / name if fetched(model) else Path(model["path"])
+
+
+def fetched(model: dict) -> bool:
+    """Whether a source model is made by a fetch stage: from the hub, or with an adapter applied."""
+    return model["source"] == "hub" or bool(model.get("adapter"))
 
 
 def merge_dir(name: str, params: dict) -> Path:

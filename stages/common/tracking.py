@@ -141,10 +141,19 @@ def _record_source(name: str, params: dict, shown: str, tags: dict) -> str:
     from (hub repo and pinned commit, or its path) and its digest."""
     import mlflow
 
-    source = {k: str(v) for k, v in params["models"][name].items() if k != "path"}
+    spec = params["models"][name]
+    source = {k: str(v) for k, v in spec.items() if k not in ("path", "adapter")}
     path, digest = tags[f"{TAG}path"], tags[f"{TAG}digest"]
     about = (f"Hub model `{source.get('repo_id')}` at commit `{source.get('sha')}`" if source["source"] == "hub"
-             else f"Local model at `{path}`") + f", digest `{digest}`."
+             else f"Local model at `{spec['path'] if spec.get('adapter') else path}`")
+    if spec.get("adapter"):  # where the adapter comes from; `path` is the merged folder
+        adapter = spec["adapter"]
+        source |= {f"adapter.{k}": str(v) for k, v in adapter.items()} | ({"base_path": spec["path"]}
+                                                                          if "path" in spec else {})
+        about += " with the LoRA adapter " + (f"`{adapter['repo_id']}` at commit `{adapter['sha']}`"
+                                              if adapter["source"] == "hub" else f"at `{adapter['path']}`")
+        about += f" merged in (at `{path}`)"
+    about += f", digest `{digest}`."
     with mlflow_errors(f"cannot record model '{name}'"):
         return mlflow.create_external_model(name=shown, tags=tags | {f"{TAG}{k}": v for k, v in source.items()}
                                             | {NOTE: about}, params=source | {"path": path, "digest": digest}).model_id

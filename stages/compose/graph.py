@@ -16,7 +16,7 @@ import yaml
 from omegaconf import DictConfig
 
 from ..common.errors import ConfigError
-from ..common.layout import (ancestors, card_images, metrics_file, model_dir, parents, publish_dir, report_files,
+from ..common.layout import (ancestors, card_images, fetched, metrics_file, model_dir, parents, publish_dir, report_files,
                              roles, search_files, sweep_files)
 from ..common.splits import data_files, split_names
 from ..search.space import dimension_names
@@ -145,10 +145,12 @@ def render_dvc_yaml(graph: Graph, params: dict, cfg: DictConfig, conf_dir: Path,
         stages["demo"] = {"cmd": f"python -m stages.demo {cfg.demo.out}", "deps": code("demo"),
                           "params": code_key("demo"), "outs": [cfg.demo.out]}
     for name in graph.models:
-        if graph.sources[name]["source"] == "hub":
-            stages[f"fetch-{name}"] = {"cmd": f"python -m stages.fetch {name}", "deps": code("fetch"),
-                                       "params": [f"models.{name}.repo_id", f"models.{name}.sha"] + code_key("fetch"),
-                                       "outs": [folder(name)]}  # not its license: a card reads that
+        spec = params["models"][name]
+        if fetched(spec):  # what says which files: not its license (a card reads that)
+            local = [_dep_path(s["path"], root) for s in (spec, spec.get("adapter") or {}) if s.get("source") == "local"]
+            keys = [f"models.{name}.{k}" for k in ("repo_id", "sha", "adapter") if k in spec]
+            stages[f"fetch-{name}"] = {"cmd": f"python -m stages.fetch {name}", "deps": code("fetch") + local,
+                                       "params": keys + code_key("fetch"), "outs": [folder(name)]}
     plots = []
     for name, search in params["searches"].items():
         files = {kind: str(path) for kind, path in search_files(name, params).items()}

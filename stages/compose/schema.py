@@ -13,6 +13,16 @@ from omegaconf import MISSING
 
 
 @dataclass
+class AdapterSource:
+    """A PEFT LoRA adapter that a model applies to its checkpoint (conf/models/NAME.yaml `adapter:`)."""
+
+    source: str = MISSING  # "local" or "hub"
+    path: Optional[str] = None  # local: the adapter's directory (relative to the project root)
+    repo_id: Optional[str] = None  # hub: "org/name"
+    revision: str = "main"  # hub: a branch, tag or commit sha
+
+
+@dataclass
 class ModelSource:
     """conf/models/NAME.yaml: where a source checkpoint comes from."""
 
@@ -21,6 +31,7 @@ class ModelSource:
     repo_id: Optional[str] = None  # hub: "org/name"
     revision: str = "main"  # hub: a branch, tag or commit sha
     license: Optional[str] = None  # what merges inherit on publication (a hub model's card may say)
+    adapter: Optional[AdapterSource] = None  # the model is this checkpoint with a LoRA adapter merged in
     description: str = ""
 
 

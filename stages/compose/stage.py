@@ -26,7 +26,7 @@ from mergekit_ops import METHODS, RecipeError, is_device_name, parse_recipe
 from ..common.atomic import write_text
 from ..common.errors import ConfigError, FetchError
 from ..common.hub import resolve_revision
-from ..common.layout import model_dir
+from ..common.layout import fetched, model_dir
 from ..common.recipes import mergekit_body
 from .conf_files import GROUPS, check_files, check_interpolations, where
 from .eval_conf import check_suite, resolved_suite
@@ -92,12 +92,9 @@ def check(cfg: DictConfig, conf_dir: Path) -> Graph:
                               "recipes refer to either by name, so names must be unique")
     for name, m in models.items():
         where = conf_dir / "models" / f"{name}.yaml"
-        if m["source"] == "local" and not m.get("path"):
-            raise ConfigError(f"{where}: key 'path': a local source needs the model directory")
-        elif m["source"] == "hub" and (not m.get("repo_id") or m["repo_id"].count("/") != 1):
-            raise ConfigError(f"{where}: key 'repo_id': a hub source needs 'org/name', got {m.get('repo_id')!r}")
-        elif m["source"] not in ("local", "hub"):
-            raise ConfigError(f"{where}: key 'source': 'local' or 'hub', got {m['source']!r}")
+        _check_source(m, where, "")
+        if m.get("adapter"):
+            _check_source(m["adapter"], where, "adapter.")
     inputs, known = {}, sorted(models) + sorted(merges) + sorted(searches)
     for name, body in merges.items():
         where = str(conf_dir / "merges" / f"{origin.get(name, name)}.yaml")
@@ -122,6 +119,16 @@ def check(cfg: DictConfig, conf_dir: Path) -> Graph:
             raise ConfigError(f"{conf_dir / 'config.yaml'}: key 'build': no recipe conf/merges/{name}.yaml "
                               f"or search conf/searches/{name}.yaml")
     return graph.select(build)
+
+
+def _check_source(m: dict, where: Path, key: str) -> None:
+    """A model's (or its adapter's) source says where it lies: a local path or a hub repo."""
+    if m["source"] == "local" and not m.get("path"):
+        raise ConfigError(f"{where}: key '{key}path': a local source needs the {key and 'adapter '}directory")
+    elif m["source"] == "hub" and (not m.get("repo_id") or m["repo_id"].count("/") != 1):
+        raise ConfigError(f"{where}: key '{key}repo_id': a hub source needs 'org/name', got {m.get('repo_id')!r}")
+    elif m["source"] not in ("local", "hub"):
+        raise ConfigError(f"{where}: key '{key}source': 'local' or 'hub', got {m['source']!r}")
 
 
 def check_evaluation(cfg: DictConfig, conf_dir: Path, known: set[str]) -> None:
@@ -150,6 +157,14 @@ def check_evaluation(cfg: DictConfig, conf_dir: Path, known: set[str]) -> None:
                                   f"'suite/task' of conf/eval ({', '.join(sorted(tasks))})")
 
 
+def _pinned(source: dict, pin: bool) -> dict:
+    """A source's keys that say what it is, a hub revision resolved to its commit."""
+    source = dict(source)
+    if source["source"] == "hub" and pin:
+        source["sha"] = resolve_revision(source["repo_id"], source["revision"])
+    return {k: source[k] for k in SOURCE_KEYS[source["source"]] if source.get(k) is not None}
+
+
 def resolved_params(cfg: DictConfig, graph: Graph, root: Path, pin: bool = True) -> dict:
     """params.yaml: per model its source (pinned to the commit it resolves to); per merge its recipe
     (or, for a search's merge, the search's name); the evaluation suites; the publish targets whose
@@ -157,10 +172,9 @@ def resolved_params(cfg: DictConfig, graph: Graph, root: Path, pin: bool = True)
     artifacts = cfg.paths.artifacts
     models = {}
     for name in graph.models:
-        source = dict(graph.sources[name])
-        if source["source"] == "hub" and pin:
-            source["sha"] = resolve_revision(source["repo_id"], source["revision"])
-        models[name] = {k: source[k] for k in SOURCE_KEYS[source["source"]] if source.get(k) is not None}
+        models[name] = _pinned(graph.sources[name], pin)
+        if graph.sources[name].get("adapter"):
+            models[name]["adapter"] = _pinned(graph.sources[name]["adapter"], pin)
     merges, located = {}, {"artifacts": artifacts, "models": models}
     suites = {name: resolved_suite(body)
               for name, body in sorted(OmegaConf.to_container(cfg.suites, resolve=True).items())}
@@ -190,7 +204,7 @@ def resolved_params(cfg: DictConfig, graph: Graph, root: Path, pin: bool = True)
               "evaluate": {"baseline": baseline if baseline in graph.models + graph.merges else None, "suites": suites},
               "publish": publish, "sweeps": sweeps, "searches": searches}
     if not code_is_inside(root):
-        used = {"demo": cfg.demo.enabled, "fetch": any(m["source"] == "hub" for m in models.values()),
+        used = {"demo": cfg.demo.enabled, "fetch": any(fetched(m) for m in models.values()),
                 "merge": bool(merges), "evaluate": bool(suites and (models or merges)), "publish": bool(publish),
                 "search": bool(searches), "lineage": bool(models or merges)}
         if any(used.values()):

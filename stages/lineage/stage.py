@@ -51,7 +51,9 @@ def describe(model, with_id: bool = True) -> str:
     elif tags.get(f"{TAG}source") == "hub":
         what = f"hub {tags.get(f'{TAG}repo_id')} @ {tags.get(f'{TAG}sha', '?')}"
     else:
-        what = f"local {tags.get(f'{TAG}path')}"
+        what = f"local {tags.get(f'{TAG}base_path', tags.get(f'{TAG}path'))}"
+    if f"{TAG}adapter.source" in tags:
+        what += f" + adapter {tags.get(f'{TAG}adapter.repo_id') or tags.get(f'{TAG}adapter.path')}"
     return f"{tags.get(f'{TAG}name', model.name)}  {what}  {digest}" + (f"  [{model.model_id}]" if with_id else "")
 
 
