@@ -115,6 +115,15 @@ def cases(B: str, F1: str, F2: str, F3: str) -> dict[str, dict]:
         "sce_topk1": {"merge_method": "sce", "base_model": B, "models": [m(F1), m(F2), m(F3)], **fp32},
         "nearswap": {"merge_method": "nearswap", "base_model": B, "models": [m(B), m(F1)],
                      "parameters": {"t": 0.001}, **fp32},
+        "ram": {"merge_method": "ram", "base_model": B, "models": [m(F1), m(F2), m(F3)], **fp32},
+        "ram_epsilon": {"merge_method": "ram", "base_model": B, "models": [m(F1), m(F2), m(F3)],
+                        "parameters": {"epsilon": 0.001}, **fp32},  # one delta std: 0, 1, 2 and 3 movers
+        "ramplus_tl": {"merge_method": "ramplus_tl", "base_model": B, "models": [m(F1), m(F2), m(F3)],
+                       "parameters": {"epsilon": 0.001}, **fp32},  # every shared/unique ratio above alpha
+        "ramplus_tl_params": {"merge_method": "ramplus_tl", "base_model": B, "models": [m(F1), m(F2), m(F3)],
+                              "parameters": {"r": 0.5, "alpha": 0.3, "epsilon": 0.002}, **fp32},  # most below alpha
+        "arcee_fusion": {"merge_method": "arcee_fusion", "base_model": B, "models": [m(B), m(F1)], **fp32},
+        "arcee_fusion_base_unlisted": {"merge_method": "arcee_fusion", "base_model": B, "models": [m(F3)], **fp32},
         "passthrough_slices": {"merge_method": "passthrough", "slices": [
             {"sources": [{"model": F1, "layer_range": [0, 2]}]},
             {"sources": [{"model": F2, "layer_range": [1, 3]}]}], **fp32},

@@ -49,6 +49,9 @@ def _recipes(paths: dict[str, Path]) -> dict[str, dict]:
         "breadcrumbs_ties": recipe("breadcrumbs_ties", **sparse, gamma=0.05),
         "della": recipe("della", **sparse, epsilon=0.1),
         "della_linear": recipe("della_linear", **sparse, epsilon=0.1),
+        "ram": recipe("ram", {"epsilon": 0.02}),
+        "ramplus_tl": recipe("ramplus_tl", {"epsilon": 0.05, "r": 0.5}),
+        "arcee_fusion": recipe("arcee_fusion", models=[base, fts[0]]),
     }
 
 

@@ -34,6 +34,10 @@ def _check_epsilon(params: dict, model_params: list[dict]) -> str | None:
     return None
 
 
+# ram, ramplus_tl: the delta below which a model does not count as changing an entry
+RAM_EPSILON = Param("epsilon", 1e-5, float)
+
+
 def _family(name: str, normalize: bool, rescale: str, extra=(), scoped=False, seeded=False, doc="") -> Method:
     params = (Param("lambda", 1.0, float), Param("int8_mask", False, bool), Param("normalize", normalize, bool),
               replace(RESCALE, default=rescale))
@@ -73,6 +77,17 @@ _ALL = [
            params=(Param("select_topk", 1.0, float, check=in_range(0.0, 1.0)), Param("int8_mask", False, bool)),
            base="required", min_models=1,
            doc="SCE: keep the select_topk share of highest-variance positions, energy weights, TIES sign mask."),
+    Method("ram", "ram:merge_ram",
+           params=(RAM_EPSILON,), base="required", min_models=1,
+           doc="RAM: per entry, the mean of the deltas larger than epsilon (one model's alone is kept whole)."),
+    Method("ramplus_tl", "ram:merge_ramplus_tl",
+           params=(Param("r", 0.1, float), Param("alpha", 0.2, float), RAM_EPSILON),
+           base="required", min_models=1,
+           doc="RAM+ (tensor-local): ram, with each model's unique deltas scaled by "
+               "1 + r * clip(shared / unique, 0, alpha)."),
+    Method("arcee_fusion", "arcee_fusion:merge_arcee_fusion",
+           base="required", min_models=1, max_models=1,
+           doc="Keep the other model's changes whose |delta| * row KL of the softmaxes is >= median + 1.5 IQR."),
     Method("nuslerp", "spherical:merge_nuslerp",
            params=(Param("nuslerp_flatten", True, bool), Param("nuslerp_row_wise", False, bool)),
            model_params=(WEIGHT,), base="optional", min_models=2, max_models=2,
