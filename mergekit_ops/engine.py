@@ -364,8 +364,14 @@ def _align_vocab(plan: MergePlan, task: TensorTask, inputs: list[torch.Tensor],
     """Put every input's token rows in the output vocabulary's order (vocab.py)."""
     refs = [i for i, _ in task.inputs] + ([task.base[0]] if task.base else [])
     base_pos = refs.index(task.base_model) if task.base_model in refs else None
+    rules = {}
+    for row, rule in plan.vocab.rules.items():
+        if rule.model is not None and rule.model not in refs:
+            raise MergeError(f"tokenizer.tokens: token {rule.token!r} takes its row from model "
+                             f"'{plan.checkpoints[rule.model].ref}', which is not an input of tensor '{task.name}'")
+        rules[row] = (None if rule.model is None else refs.index(rule.model), rule.row, rule.force)
     aligned = align(inputs + ([base] if base is not None else []), [plan.vocab.perms[i] for i in refs],
-                    base_pos, plan.vocab.rows)
+                    base_pos, plan.vocab.rows, rules)
     return (aligned[:-1], aligned[-1]) if base is not None else (aligned, None)
 
 

@@ -115,7 +115,8 @@ def _plan_vocab(recipe: Recipe, ckpts: list[Checkpoint], reference: int, index: 
         configured = c.config.get("vocab_size")
         limits.append(min(rows + ([configured] if isinstance(configured, int) else [])) if rows else 0)
     tokenizers = [Tokenizer.read(c.path, c.ref) for c in ckpts]
-    return plan_vocab(source, tokenizers, limits, out_index, recipe.pad_to_multiple_of, [c.ref for c in ckpts])
+    return plan_vocab(source, tokenizers, limits, out_index, recipe.pad_to_multiple_of, [c.ref for c in ckpts],
+                      recipe.tokens)
 
 
 def _check_compatible(recipe: Recipe, ckpts: list[Checkpoint], reference: int, allow_crimes: bool) -> None:

@@ -45,6 +45,18 @@ class Slice:
 
 
 @dataclass
+class TokenSource:
+    """Where one output token's embedding rows come from (mergekit's `tokenizer.tokens`): a model's
+    row of that token, a model's row of another token (`token` or `token_id`), or zeros."""
+
+    kind: str  # "model", "model_token" or "zero"
+    model: str | None = None
+    token: str | None = None
+    token_id: int | None = None
+    force: bool = False  # also replace the rows of models that have the token
+
+
+@dataclass
 class Recipe:
     """One merge: a mergekit document, validated."""
 
@@ -59,6 +71,7 @@ class Recipe:
     out_dtype: str | None = None
     tokenizer_source: str | None = None  # 'base', 'union' or a model: align vocabularies (vocab.py)
     pad_to_multiple_of: int | None = None  # with a tokenizer source: round the vocabulary rows up
+    tokens: dict[str, TokenSource] = field(default_factory=dict)  # with a tokenizer source: per-token rows
     chat_template: str | None = None
     name: str | None = None
 
@@ -91,6 +104,8 @@ class Recipe:
         if self.tokenizer_source is not None:
             name = self.tokenizer_source.removeprefix("model:")
             self.tokenizer_source = mapping.get(name, self.tokenizer_source)
+        for token in self.tokens.values():
+            token.model = renamed(token.model)
 
     def model_refs(self) -> list[str]:
         """Every model the recipe reads, first-seen order, base included."""
@@ -255,22 +270,70 @@ def _tokenizer(recipe: Recipe, doc: dict) -> None:
             raise RecipeError("give 'tokenizer_source' or 'tokenizer', not both", source, "tokenizer")
         if not isinstance(block, dict):
             raise RecipeError("a mapping with 'source' (and optionally 'pad_to_multiple_of')", source, "tokenizer")
-        if block.get("tokens") is not None:
-            raise RecipeError("per-token embedding sources are not supported by mergekit_ops yet",
-                              source, "tokenizer.tokens")
         extra = set(block) - {"source", "pad_to_multiple_of", "tokens"}
         if extra:
             bad = sorted(extra)[0]
-            raise RecipeError(f"unknown key{_suggest(bad, ['source', 'pad_to_multiple_of'])}", source, f"tokenizer.{bad}")
+            raise RecipeError(f"unknown key{_suggest(bad, ['source', 'pad_to_multiple_of', 'tokens'])}", source,
+                              f"tokenizer.{bad}")
         key = "tokenizer.source"
         value = _str(block.get("source", "union"), source, key)  # mergekit's default source is union
         pad = block.get("pad_to_multiple_of")
         if pad is not None and (not isinstance(pad, int) or isinstance(pad, bool) or pad < 1):
             raise RecipeError(f"expected a positive integer, got {pad!r}", source, "tokenizer.pad_to_multiple_of")
         recipe.pad_to_multiple_of = pad
+        recipe.tokens = _tokens(block.get("tokens"), recipe)
     if value not in (None, "base", "union") and value.removeprefix("model:") not in recipe.model_refs():
         raise RecipeError(f"'{value}' is neither 'base', 'union' nor one of the recipe's models", source, key)
     recipe.tokenizer_source = value
+
+
+def _tokens(value: Any, recipe: Recipe) -> dict[str, TokenSource]:
+    """`tokenizer.tokens`: token -> {source: MODEL | {kind: zero} | {kind: model_token, model, token |
+    token_id}, force}. Tokens the output vocabulary lacks are added to it."""
+    source = recipe.source
+    if value is None:
+        return {}
+    if not isinstance(value, dict) or not all(isinstance(t, str) and t for t in value):
+        raise RecipeError("a mapping of token text -> {source: ..., force: ...}", source, "tokenizer.tokens")
+    out = {}
+    for token, spec in value.items():
+        key = f"tokenizer.tokens.{token}"
+        if not isinstance(spec, dict) or set(spec) - {"source", "force"}:
+            bad = sorted(set(spec) - {"source", "force"})[0] if isinstance(spec, dict) else None
+            raise RecipeError("a mapping with 'source' and optionally 'force'", source, f"{key}.{bad}" if bad else key)
+        force = spec.get("force", False)
+        if not isinstance(force, bool):
+            raise RecipeError(f"true or false, got {force!r}", source, f"{key}.force")
+        out[token] = _token_source(spec.get("source"), source, f"{key}.source", recipe)
+        out[token].force = force
+    return out
+
+
+def _token_source(spec: Any, source: str, key: str, recipe: Recipe) -> TokenSource:
+    if isinstance(spec, dict) and "kind" in spec:
+        kind = spec["kind"]
+        if kind == "zero" and set(spec) == {"kind"}:
+            return TokenSource("zero")
+        if kind != "model_token":
+            raise RecipeError(f"kind is 'zero' or 'model_token', got {kind!r}", source, f"{key}.kind")
+        extra = set(spec) - {"kind", "model", "token", "token_id"}
+        if extra:
+            raise RecipeError("unknown key", source, f"{key}.{sorted(extra)[0]}")
+        token, token_id = spec.get("token"), spec.get("token_id")
+        if (token is None) == (token_id is None):
+            raise RecipeError("give exactly one of 'token' or 'token_id'", source, key)
+        if token is not None and not isinstance(token, str):
+            raise RecipeError(f"a token's text, got {token!r}", source, f"{key}.token")
+        if token_id is not None and (not isinstance(token_id, int) or isinstance(token_id, bool) or token_id < 0):
+            raise RecipeError(f"a token id (an integer >= 0), got {token_id!r}", source, f"{key}.token_id")
+        model = _model_ref(spec.get("model"), source, f"{key}.model")
+        found = TokenSource("model_token", model, token, token_id)
+    else:
+        found = TokenSource("model", _model_ref(spec, source, key))
+    if found.model not in recipe.model_refs():
+        raise RecipeError(f"'{found.model}' is not one of the recipe's models; a token's rows come from a model "
+                          "the recipe merges", source, key)
+    return found
 
 
 def _models(value: Any, source: str) -> list[Source]:

@@ -7,13 +7,14 @@ Each model's embedding-like tensors (embeddings, lm_head) are permuted into the 
 before the merge method sees them. A token a model lacks gets, in mergekit's order of
 rules: the row of the only model that has it; zero if none has it; the base model's row if the base
 has it; else the mean of the rows of the models that have it. Rows past the vocabulary (from
-`pad_to_multiple_of`) get the mean of the token rows. Only `tokenizer.json` (fast tokenizers) is
+`pad_to_multiple_of`) get the mean of the token rows. The recipe's `tokenizer.tokens` give chosen
+tokens a row of their own: a model's, another token's of a model, or zeros. Only `tokenizer.json` (fast tokenizers) is
 read, as plain JSON: no tokenizer library is needed.
 """
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -65,13 +66,27 @@ class VocabPlan:
     perms: dict[int, torch.Tensor]  # checkpoint index -> int64 (tokens,) source row or -1
     tokenizer: dict | None  # a tokenizer.json to write (union, or a stripped base), else None: copy the donor's
     added: list[dict]  # tokens appended to the donor's tokenizer (written to tokenizer_config.json too)
+    rules: dict[int, TokenRule] = field(default_factory=dict)  # output row -> its configured source
+
+
+@dataclass(frozen=True)
+class TokenRule:
+    """A configured token's row (`tokenizer.tokens`): checkpoint `model`'s row `row`, or zeros
+    (model None); with `force`, it replaces the rows of models that have the token too."""
+
+    token: str
+    model: int | None
+    row: int | None
+    force: bool
 
 
 def plan_vocab(source: str, tokenizers: list[Tokenizer], limits: list[int], out_index: int,
-               pad_to_multiple_of: int | None, refs: list[str]) -> VocabPlan:
+               pad_to_multiple_of: int | None, refs: list[str], tokens: dict | None = None) -> VocabPlan:
     """Build the output vocabulary from model `out_index`'s tokenizer (the base for `base` and
     `union`). `limits[i]` is model i's embedding rows: ids past it are unused tokens, missing from
-    that model (and stripped from a `base`/`union` output tokenizer, as mergekit does)."""
+    that model (and stripped from a `base`/`union` output tokenizer, as mergekit does). `tokens`:
+    the recipe's per-token sources (recipe.TokenSource by token), added to the vocabulary if new."""
+    tokens = tokens or {}
     usable = [{t: i for t, i in tok.ids.items() if i < limit} for tok, limit in zip(tokenizers, limits)]
     strip = source in ("base", "union")  # a model source's tokenizer is taken as it is
     out = dict(usable[out_index] if strip else tokenizers[out_index].ids)
@@ -85,6 +100,10 @@ def plan_vocab(source: str, tokenizers: list[Tokenizer], limits: list[int], out_
             added.append({"id": len(out), "content": token,
                           **{k: specs.get(token, {}).get(k, v) for k, v in ADDED_DEFAULTS.items()}})
             out[token] = len(out)
+    for token in tokens:  # as mergekit's tokenizer.add_tokens: plain added tokens, after the others
+        if token not in out:
+            added.append({"id": len(out), "content": token, **ADDED_DEFAULTS})
+            out[token] = len(out)
     if sorted(out.values()) != list(range(len(out))):
         raise CheckpointError(f"model '{refs[out_index]}': the tokenizer's token ids are not 0..{len(out) - 1} "
                               "without gaps; cannot lay out the merged vocabulary")
@@ -97,7 +116,28 @@ def plan_vocab(source: str, tokenizers: list[Tokenizer], limits: list[int], out_
     if added or stripped:
         tokenizer = _stripped(tokenizers[out_index].data, limits[out_index])
         tokenizer["added_tokens"] = (tokenizer.get("added_tokens") or []) + added
-    return VocabPlan(out_index, rows, len(out), perms, tokenizer, added)
+    rules = {out[t]: _rule(t, spec, out[t], perms, tokenizers, limits, refs) for t, spec in tokens.items()}
+    return VocabPlan(out_index, rows, len(out), perms, tokenizer, added, rules)
+
+
+def _rule(token: str, spec, out_id: int, perms: dict[int, torch.Tensor], tokenizers: list[Tokenizer],
+          limits: list[int], refs: list[str]) -> TokenRule:
+    """Where a configured token's row comes from, checked against the model's vocabulary now."""
+    if spec.kind == "zero":
+        return TokenRule(token, None, None, spec.force)
+    model = refs.index(spec.model)
+    if spec.kind == "model":
+        row = int(perms[model][out_id])
+        if row < 0:
+            raise CheckpointError(f"tokenizer.tokens: token {token!r} takes its row from model '{spec.model}', "
+                                  "whose vocabulary lacks it (use kind: model_token to take another token's row)")
+        return TokenRule(token, model, row, spec.force)
+    row = spec.token_id if spec.token is None else tokenizers[model].ids.get(spec.token, -1)
+    if not 0 <= row < limits[model]:
+        what = f"token {spec.token!r}" if spec.token is not None else f"token id {spec.token_id}"
+        raise CheckpointError(f"tokenizer.tokens: token {token!r} takes the row of {what} of model '{spec.model}', "
+                              f"which its vocabulary ({limits[model]} rows) lacks")
+    return TokenRule(token, model, row, spec.force)
 
 
 def _stripped(data: dict, limit: int) -> dict:
@@ -116,11 +156,14 @@ def _stripped(data: dict, limit: int) -> dict:
     return data
 
 
-def align(tensors: list[torch.Tensor], perms: list[torch.Tensor], base: int | None, rows: int) -> list[torch.Tensor]:
+def align(tensors: list[torch.Tensor], perms: list[torch.Tensor], base: int | None, rows: int,
+          rules: dict[int, tuple[int | None, int | None, bool]] | None = None) -> list[torch.Tensor]:
     """Permute each model's vocabulary rows into the output order, filling the rows a model lacks.
 
     `tensors[i]` is read with `perms[i]`; `base` is the position of the base model among them (its
-    rows win for tokens some models lack). Filled rows are computed in float32.
+    rows win for tokens some models lack). `rules`: output row -> (position of the model whose row
+    it takes, or None for zeros; that row; force) for the recipe's configured tokens, which then
+    fill that row of the models that lack it (of all models, forced). Filled rows are computed in float32.
     """
     device = tensors[0].device
     perms = [p.to(device) for p in perms]
@@ -137,6 +180,8 @@ def align(tensors: list[torch.Tensor], perms: list[torch.Tensor], base: int | No
         if base is not None:
             use_base = have[base] & (count > 1)
             fill[use_base] = at_gaps[base][use_base]
+    configured = {row: (tensors[pos][src].float() if pos is not None else tensors[0].new_zeros(tensors[0].shape[1:]),
+                        force) for row, (pos, src, force) in (rules or {}).items()}
     out = []
     for i, (x, g) in enumerate(zip(tensors, gathered)):
         full = g.new_empty((rows, *x.shape[1:]))
@@ -144,6 +189,9 @@ def align(tensors: list[torch.Tensor], perms: list[torch.Tensor], base: int | No
         if gaps.numel():
             missing = ~present[i, gaps]
             full[gaps[missing]] = fill[missing].to(x.dtype)
+        for row, (value, force) in configured.items():
+            if force or not present[i, row]:
+                full[row] = value.to(x.dtype)
         if rows > tokens:
             full[tokens:] = full[:tokens].float().mean(0).to(x.dtype)
         out.append(full)

@@ -195,3 +195,54 @@ def test_a_model_source_tokenizer_is_taken_unstripped(tmp_path, seed):
     assert (path / "tokenizer.json").read_bytes() == (tmp_path / "chat" / "tokenizer.json").read_bytes()
     assert out["lm_head.weight"].shape[0] == VOCAB + 1  # the unused token's row: the default rule's zero
     assert torch.equal(out["lm_head.weight"][VOCAB], torch.zeros(out["lm_head.weight"].shape[1]))
+
+
+def test_token_sources_zero_model_model_token_and_force(tmp_path, vocab_family):
+    """`tokenizer.tokens`: configured rows fill the models that lack a token (all of them with
+    force); unconfigured tokens keep mergekit's rules; a new token is added to the vocabulary."""
+    base, shuffled, narrow = (str(tmp_path / m) for m in ("base", "shuffled", "narrow"))
+    weights = {"base": 0.2, "shuffled": 0.5, "narrow": 0.3}
+    tokens = {"t5": {"source": {"kind": "zero"}},  # every model has it: no effect
+              "x_a": {"source": {"kind": "zero"}},  # the base lacks it: zeros there
+              "x_b": {"source": {"kind": "model_token", "model": narrow, "token": "t0"}},  # narrow's t0 row
+              "t3": {"source": shuffled, "force": True},  # every model takes shuffled's row
+              "new": {"source": {"kind": "model_token", "model": base, "token_id": 4}}}  # added, base's t4
+    path, out = _merge(tmp_path, {"merge_method": "linear", "tokenizer": {"source": "union", "tokens": tokens},
+                                  "models": [{"model": str(tmp_path / m), "parameters": {"weight": w}}
+                                             for m, w in weights.items()]})
+    order = TOKENS + ["x_a", "x_b", "new"]
+    for tensor in VOCAB_TENSORS:
+        rows = _expected_rows(vocab_family, list(weights), tensor, order[:-1], base=None)
+        own = {m: vocab_family[m][0][tensor] for m in weights}
+        for m in weights:
+            r = rows[m]
+            if "x_a" not in own[m]:
+                r[order.index("x_a")] = 0
+            if "x_b" not in own[m]:
+                r[order.index("x_b")] = own["narrow"]["t0"]
+            r[order.index("t3")] = own["shuffled"]["t3"]
+            rows[m] = torch.cat([r, own["base"]["t4"][None]])
+        expected = sum(w * rows[m] for m, w in weights.items()) / sum(weights.values())
+        torch.testing.assert_close(out[tensor], expected, atol=1e-6, rtol=1e-6)
+    added = json.loads((path / "tokenizer.json").read_text())["added_tokens"]
+    assert [(t["content"], t["id"]) for t in added][-1] == ("new", len(order) - 1)
+    assert json.loads((path / "config.json").read_text())["vocab_size"] == len(order)
+
+
+@pytest.mark.parametrize("tokens, error, pattern", [
+    ({"t1": {"source": "elsewhere"}}, RecipeError, r"key 'tokenizer\.tokens\.t1\.source'.*not one of the recipe's models"),
+    ({"t1": {"source": {"kind": "one"}}}, RecipeError, r"key 'tokenizer\.tokens\.t1\.source\.kind'"),
+    ({"t1": {"source": {"kind": "model_token", "model": "BASE"}}}, RecipeError, r"exactly one of 'token' or 'token_id'"),
+    ({"t1": {"source": {"kind": "zero"}, "forced": True}}, RecipeError, r"key 'tokenizer\.tokens\.t1\.forced'"),
+    ({"x_a": {"source": "BASE"}}, CheckpointError, r"token 'x_a' takes its row from model .*base', whose vocabulary lacks it"),
+    ({"t1": {"source": {"kind": "model_token", "model": "BASE", "token_id": VOCAB}}}, CheckpointError,
+     rf"token id {VOCAB} of model .*which its vocabulary \({VOCAB} rows\) lacks"),
+])
+def test_token_source_errors_name_the_token(tmp_path, vocab_family, tokens, error, pattern):
+    base = str(tmp_path / "base")
+    tokens = json.loads(json.dumps(tokens).replace('"BASE"', json.dumps(base)))
+    with pytest.raises(error, match=pattern):
+        _merge(tmp_path, {"merge_method": "linear", "tokenizer": {"source": "union", "tokens": tokens},
+                          "models": [{"model": base, "parameters": {"weight": 1.0}},
+                                     {"model": str(tmp_path / "shuffled"), "parameters": {"weight": 1.0}}]})
+    assert not (tmp_path / "out").exists()
