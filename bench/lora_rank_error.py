@@ -22,7 +22,7 @@ sys.path.insert(0, str(REPO))
 import torch  # noqa: E402
 import yaml  # noqa: E402
 
-from mergekit_ops.extract_lora import ADAPTER_WEIGHTS, ExtractOptions, extract_lora  # noqa: E402
+from mergekit_ops.lora_extract import ADAPTER_WEIGHTS, ExtractOptions, extract_lora  # noqa: E402
 from stages.common import layout  # noqa: E402
 from stages.demo.stage import BOS, SKILLS, VOCAB, accuracy, encode, held_out  # noqa: E402
 

@@ -13,7 +13,7 @@ _EXPORTS = {  # public name: (module, its name there)
     "load_recipes": ("recipe", "load_recipes"), "parse_recipe": ("recipe", "parse_recipe"), "Recipe": ("recipe", "Recipe"),
     "MergeError": ("errors", "MergeError"), "RecipeError": ("errors", "RecipeError"),
     "CheckpointError": ("errors", "CheckpointError"),
-    "extract_lora": ("extract_lora", "extract_lora"), "ExtractOptions": ("extract_lora", "ExtractOptions"),
+    "extract_lora": ("lora_extract", "extract_lora"), "ExtractOptions": ("lora_extract", "ExtractOptions"),
     # what the pipeline (stages/) uses besides merging: checks before a download, progress, safe YAML
     "Checkpoint": ("checkpoint", "Checkpoint"), "is_vocab_tensor": ("vocab", "is_vocab_tensor"),
     "is_device_name": ("devices", "is_device_name"), "ProgressBar": ("progress", "ProgressBar"),

@@ -1,5 +1,5 @@
-"""CLI: python -m mergekit_ops.extract_lora MODEL BASE OUT_DIR --rank 16 — a model's change over
-its base as a PEFT LoRA adapter (the library: extract_lora.py)."""
+"""CLI: mergekit-ops-extract-lora MODEL BASE OUT_DIR --rank 16 — a model's change over its base as a
+PEFT LoRA adapter (the library: lora_extract.py; also `python -m mergekit_ops.extract_lora_cli`)."""
 from __future__ import annotations
 
 import argparse
@@ -13,7 +13,7 @@ DTYPES = ("float32", "bfloat16", "float16")
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m mergekit_ops.extract_lora" if sys.argv[0].endswith(".py") else "mergekit-ops-extract-lora",
+        prog="python -m mergekit_ops.extract_lora_cli" if sys.argv[0].endswith(".py") else "mergekit-ops-extract-lora",
         description="Extract a PEFT LoRA adapter from a fine-tuned or merged model and its base: truncated SVD of "
                     "each target weight's change. Writes adapter_model.safetensors, adapter_config.json (scale 1: "
                     "lora_alpha = r) and extraction.json (the relative error of every module).")
@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from .errors import MergeError
-    from .extract_lora import REPORT, ExtractOptions, extract_lora
+    from .lora_extract import REPORT, ExtractOptions, extract_lora
     from .progress import ProgressBar
 
     bar = None if args.quiet else ProgressBar()

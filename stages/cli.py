@@ -7,6 +7,7 @@
     mergeforge lineage NAME     how a model or merge was made, read back from MLflow
     mergeforge lineage --sync   record every current build the MLflow store lacks (a teammate's, a server)
     mergeforge search NAME ...  a search's trials by hand: another worker, or N through submitit
+    mergeforge export DIR OUT   a model folder as a GGUF, Ollama Modelfile and LM Studio layout
 """
 from __future__ import annotations
 
@@ -49,6 +50,13 @@ def build_parser() -> argparse.ArgumentParser:
                             "through submitit. `mergeforge search NAME --help` lists every option.")
     search.add_argument("args", nargs=argparse.REMAINDER, metavar="NAME [OPTION ...]",
                         help="the search, then the options of `python -m stages.search`")
+    export = sub.add_parser("export", help="export a model folder for llama.cpp, Ollama and LM Studio",
+                            description="Write MODEL_DIR (a Llama-family safetensors model) as OUT_DIR/model.gguf, "
+                            "OUT_DIR/Modelfile (Ollama) and OUT_DIR/lmstudio/PUBLISHER/MODEL/FILE.gguf. In a "
+                            "project, conf/exports/NAME.yaml does it as a stage. `mergeforge export DIR OUT --help` "
+                            "lists the options.")
+    export.add_argument("args", nargs=argparse.REMAINDER, metavar="MODEL_DIR OUT_DIR [OPTION ...]",
+                        help="the model folder, the output folder, then --type, --name, --publisher")
     return p
 
 
@@ -68,6 +76,10 @@ def main(argv: list[str] | None = None) -> int:
         from .search.stage import main as search
 
         return search(args.args)
+    if args.command == "export":
+        from .export.gguf_export import main as export
+
+        return export(args.args)
     from .lineage.stage import main as lineage
 
     return lineage(([args.name] if args.name else []) + (["--sync"] if args.sync else []))

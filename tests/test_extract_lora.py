@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from mergekit_ops.errors import CheckpointError, MergeError
-from mergekit_ops.extract_lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, REPORT, PREFIX, ExtractOptions, extract_lora
+from mergekit_ops.lora_extract import ADAPTER_CONFIG, ADAPTER_WEIGHTS, REPORT, PREFIX, ExtractOptions, extract_lora
 from mergekit_ops.extract_lora_cli import main as cli_main
 from tiny import file_digests, load_dir, write_causal_lm
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import shutil
 
+import peft
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
@@ -12,8 +13,6 @@ from mergekit_ops.engine import merge_file
 from mergekit_ops.errors import MergeError
 from mergekit_ops.recipe import load_recipes
 from tiny import load_dir, write_causal_lm, write_recipe
-
-peft = pytest.importorskip("peft")
 
 
 def make_adapter(base_dir, out, seed, **config):

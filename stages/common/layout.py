@@ -13,6 +13,7 @@ artifact path, so the graph DVC checks and the files the stages write cannot dri
                                      (sweep.md, sweep.json, sweep.png)
     artifacts/publish/TARGET/        a publish target's staged repo and receipt
     artifacts/searches/NAME/         a search's best recipe, its trials (and trials.png), its best trial
+    artifacts/exports/NAME/          an export: model.gguf, Modelfile, lmstudio/ (gguf), or a LoRA adapter
 """
 from __future__ import annotations
 
@@ -38,6 +39,10 @@ def fetched(model: dict) -> bool:
 
 def merge_dir(name: str, params: dict) -> Path:
     return _root(params) / "merges" / name
+
+
+def export_dir(name: str, params: dict) -> Path:
+    return _root(params) / "exports" / name
 
 
 def metrics_file(name: str, params: dict, split: str = "test") -> Path:

@@ -21,17 +21,17 @@ from omegaconf.errors import OmegaConfBaseException
 from mergekit_ops import load_yaml_file
 
 from ..common.errors import ConfigError
-from .schema import Config, EvalSuite, MergeRecipe, ModelSource, PublishTarget, Search
+from .schema import Config, EvalSuite, Export, MergeRecipe, ModelSource, PublishTarget, Search
 
 GROUPS = {"models": "models", "merges": "merges", "eval": "suites", "publish": "publish",  # conf dir -> key
-          "searches": "searches"}
+          "searches": "searches", "exports": "exports"}
 MAX_DEPTH = 32  # levels of nesting in a conf file: a recipe needs a handful; OmegaConf's recursion ends near 90
 MAX_RESOLVED = 1_000_000  # values and characters of the composed config with its interpolations resolved
 PLAIN = (str, int, float, bool, type(None), datetime.date)  # what a conf value may be (Hydra reads dates as text)
 INTERPOLATION = re.compile(r"\$\{(\.*)([\w/-]*(?:\.[\w/-]+)*)\}")  # ${a.b.0.c}, or relative: ${.c}, ${..b}
 DEFAULT_RE = re.compile(r"((override|optional) )?/?[\w.-][\w/.-]*(@[\w.-]+)?")  # group@package, as Hydra reads it
 SCHEMAS = {"models": ModelSource, "merges": MergeRecipe, "eval": EvalSuite, "publish": PublishTarget,
-           "searches": Search}  # by conf dir
+           "searches": Search, "exports": Export}  # by conf dir
 
 
 def check_files(conf_dir: Path) -> None:

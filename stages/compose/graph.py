@@ -16,8 +16,8 @@ import yaml
 from omegaconf import DictConfig
 
 from ..common.errors import ConfigError
-from ..common.layout import (ancestors, card_images, fetched, metrics_file, model_dir, parents, publish_dir, report_files,
-                             roles, search_files, sweep_files)
+from ..common.layout import (ancestors, card_images, export_dir, fetched, metrics_file, model_dir, parents,
+                             publish_dir, report_files, roles, search_files, sweep_files)
 from ..common.splits import data_files, split_names
 from ..search.space import dimension_names
 
@@ -230,6 +230,11 @@ def render_dvc_yaml(graph: Graph, params: dict, cfg: DictConfig, conf_dir: Path,
                        + code_key("publish")),
             "outs": [{str(publish_dir(target, params)): {"cache": False}}],
         }
+    for name, spec in params["exports"].items():
+        stages[f"export-{name}"] = {
+            "cmd": f"python -m stages.export {name}",
+            "deps": code("export") + [folder(m) for m in (spec["model"], spec.get("base")) if m],
+            "params": [f"exports.{name}"] + code_key("export"), "outs": [str(export_dir(name, params))]}
     if graph.models or graph.merges:
         stages["lineage"] = _lineage_stage(graph, params, root, code("lineage"), code_key("lineage"))
     stages = {name: {k: v for k, v in stage.items() if v != []} for name, stage in stages.items()}  # no `params: []`

@@ -158,6 +158,22 @@ class PublishTarget:
 
 
 @dataclass
+class Export:
+    """conf/exports/NAME.yaml: a way out of the build for one merge: a GGUF file with an Ollama
+    Modelfile and LM Studio's layout (kind gguf), or a PEFT LoRA adapter over a base (kind lora)."""
+
+    model: str = MISSING  # a recipe of conf/merges (or a search)
+    kind: str = MISSING  # gguf | lora
+    type: str = "q8_0"  # gguf: the tensors' type, f32 | f16 | bf16 | q8_0
+    publisher: str = "mergeforge"  # gguf: LM Studio's folder, PUBLISHER/MODEL/FILE.gguf
+    base: Optional[str] = None  # lora: the model it applies to (default: the recipe's base_model)
+    rank: int = 16  # lora: of every module (smaller modules get their full rank)
+    embeddings: Optional[str] = None  # lora: null, lora (factored) or full (copied whole)
+    norms: bool = False  # lora: copy changed norms whole
+    description: str = ""
+
+
+@dataclass
 class Evaluate:
     baseline: Optional[str] = None  # the model merges without a base_model are compared with
 
@@ -178,7 +194,7 @@ class Demo:
 @dataclass
 class Config:
     """The composed project: conf/config.yaml plus every file of conf/models, conf/merges, conf/eval
-    (as `suites`), conf/publish and conf/searches."""
+    (as `suites`), conf/publish, conf/searches and conf/exports."""
 
     paths: Paths = field(default_factory=Paths)
     demo: Demo = field(default_factory=Demo)
@@ -189,6 +205,7 @@ class Config:
     suites: Dict[str, EvalSuite] = field(default_factory=dict)
     publish: Dict[str, PublishTarget] = field(default_factory=dict)
     searches: Dict[str, Search] = field(default_factory=dict)
+    exports: Dict[str, Export] = field(default_factory=dict)
 
 
 def register() -> None:

@@ -28,6 +28,7 @@ from ..common.errors import ConfigError, FetchError
 from ..common.hub import resolve_revision
 from ..common.layout import fetched, model_dir
 from ..common.recipes import mergekit_body
+from ..export import GGUF_TYPES, KINDS, LORA_EMBEDDINGS
 from .conf_files import GROUPS, check_files, check_interpolations, where
 from .eval_conf import check_suite, resolved_suite
 from .graph import Graph, code_digests, code_is_inside, render_dvc_yaml
@@ -143,6 +144,8 @@ def check_evaluation(cfg: DictConfig, conf_dir: Path, known: set[str]) -> None:
     if cfg.publish and not cfg.suites:
         raise ConfigError(f"{conf_dir / 'publish'}: publishing needs evaluation suites in {conf_dir / 'eval'} "
                           "(the model card and the gates read their metrics)")
+    for name, export in OmegaConf.to_container(cfg.exports, resolve=True).items():
+        _check_export(export, conf_dir / "exports" / f"{name}.yaml", known - set(cfg.models), known)
     for name, target in cfg.publish.items():
         where = conf_dir / "publish" / f"{name}.yaml"
         if target.model not in known - set(cfg.models):
@@ -163,6 +166,35 @@ def _pinned(source: dict, pin: bool) -> dict:
     if source["source"] == "hub" and pin:
         source["sha"] = resolve_revision(source["repo_id"], source["revision"])
     return {k: source[k] for k in SOURCE_KEYS[source["source"]] if source.get(k) is not None}
+
+
+def _check_export(export: dict, where: Path, merges: set[str], known: set[str]) -> None:
+    """An export names a merge, a kind, and options that kind takes."""
+    if export["model"] not in merges:
+        raise ConfigError(f"{where}: key 'model': no recipe conf/merges/{export['model']}.yaml or search "
+                          f"conf/searches/{export['model']}.yaml (only merges are exported)")
+    if export["kind"] not in KINDS:
+        raise ConfigError(f"{where}: key 'kind': one of {', '.join(KINDS)}, got {export['kind']!r}")
+    if export["kind"] == "gguf" and export["type"] not in GGUF_TYPES:
+        raise ConfigError(f"{where}: key 'type': one of {', '.join(GGUF_TYPES)}, got {export['type']!r}")
+    if export["kind"] == "lora":
+        if export["base"] is not None and export["base"] not in known:
+            raise ConfigError(f"{where}: key 'base': no model or recipe '{export['base']}'")
+        if export["rank"] < 1:
+            raise ConfigError(f"{where}: key 'rank': a LoRA rank is at least 1, got {export['rank']}")
+        if export["embeddings"] not in LORA_EMBEDDINGS:
+            raise ConfigError(f"{where}: key 'embeddings': null, lora or full, got {export['embeddings']!r}")
+
+
+def _resolved_export(export: dict, merge: dict, where: str) -> dict:
+    """The keys of its kind, and a lora export's base: the merge's base_model unless it names one."""
+    if export["kind"] == "gguf":
+        return {k: export[k] for k in ("model", "kind", "type", "publisher")}
+    base = export["base"] or merge.get("base_model") or merge.get("recipe", {}).get("base_model")
+    if base is None:
+        raise ConfigError(f"{where}: key 'base': recipe '{export['model']}' has no base_model, so name the model "
+                          "the adapter applies to")
+    return {k: export[k] for k in ("model", "kind", "rank", "embeddings", "norms")} | {"base": base}
 
 
 def resolved_params(cfg: DictConfig, graph: Graph, root: Path, pin: bool = True) -> dict:
@@ -198,14 +230,17 @@ def resolved_params(cfg: DictConfig, graph: Graph, root: Path, pin: bool = True)
         if body["model"] in graph.merges:
             gates = {gate: limits for gate, limits in body["gates"].items() if limits}
             publish[name] = {k: v for k, v in body.items() if k != "description"} | {"gates": gates}
+    exports = {name: _resolved_export(body, merges[body["model"]], f"conf/exports/{name}.yaml")
+               for name, body in sorted(OmegaConf.to_container(cfg.exports, resolve=True).items())
+               if body["model"] in graph.merges}
     sweeps = {name: sweep for name, sweep in graph.sweeps.items() if set(sweep["recipes"]) <= set(graph.merges)}
     baseline = cfg.evaluate.baseline  # compared with only when built (`build:` may leave it out)
     params = {"artifacts": artifacts, "models": models, "merges": merges,
               "evaluate": {"baseline": baseline if baseline in graph.models + graph.merges else None, "suites": suites},
-              "publish": publish, "sweeps": sweeps, "searches": searches}
+              "publish": publish, "sweeps": sweeps, "searches": searches, "exports": exports}
     if not code_is_inside(root):
         used = {"demo": cfg.demo.enabled, "fetch": any(fetched(m) for m in models.values()),
-                "merge": bool(merges), "evaluate": bool(suites and (models or merges)), "publish": bool(publish),
+                "merge": bool(merges), "evaluate": bool(suites and (models or merges)), "publish": bool(publish), "export": bool(exports),
                 "search": bool(searches), "lineage": bool(models or merges)}
         if any(used.values()):
             params["code"] = code_digests([package for package, needed in used.items() if needed])

@@ -1,6 +1,6 @@
 """LoRA extraction: a fine-tuned (or merged) model as a PEFT LoRA adapter over its base.
 
-    from mergekit_ops.extract_lora import ExtractOptions, extract_lora
+    from mergekit_ops import ExtractOptions, extract_lora
     report = extract_lora("merged/", "base/", "adapter/", ExtractOptions(rank=16))
 
 Each target weight's change, W_model - W_base, becomes B @ A by truncated SVD (low_rank.py); the
@@ -319,8 +319,3 @@ def build_report(model: str, base: str, options: ExtractOptions, modules: dict[s
 def _write_json(path: Path, data: dict) -> None:
     path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
 
-
-if __name__ == "__main__":  # python -m mergekit_ops.extract_lora: the command itself is extract_lora_cli
-    from .extract_lora_cli import cli
-
-    cli()

@@ -1,0 +1,47 @@
+"""export stage: one conf/exports/NAME.yaml into artifacts/exports/NAME, from a built merge.
+
+    python -m stages.export NAME
+
+kind gguf: model.gguf, its Ollama Modelfile and LM Studio's layout (gguf_export.py). kind lora: a
+PEFT adapter of rank `rank` over `base`, with extraction.json giving each module's error against
+the merge (mergekit_ops' extract_lora).
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from mergekit_ops import MergeError
+
+from ..common.layout import export_dir, model_dir
+from ..common.stage_cli import in_section, run_stage
+from .errors import ExportError
+
+
+def build(name: str, params: dict, progress: bool = False) -> Path:
+    spec = params["exports"][name]
+    out = export_dir(name, params)
+    source = model_dir(spec["model"], params)
+    if spec["kind"] == "gguf":
+        from .gguf_export import export
+
+        export(source, out, spec["type"], spec["model"], spec["publisher"], progress=progress)
+        return out
+    from mergekit_ops import ExtractOptions, ProgressBar, extract_lora
+
+    base = params["models"].get(spec["base"], {})
+    bar = ProgressBar() if progress else None
+    options = ExtractOptions(rank=spec["rank"], embeddings=spec["embeddings"], norms=spec["norms"], progress=bar,
+                             base_name=base.get("repo_id") or str(model_dir(spec["base"], params)))
+    try:
+        extract_lora(str(source), str(model_dir(spec["base"], params)), out, options)
+    finally:
+        if bar:
+            bar.close()
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_stage(argv, "stages.export", "export", in_section("exports"),
+                     lambda name, params: f"exported {name} into {build(name, params, sys.stderr.isatty())}",
+                     (ExportError, MergeError))
