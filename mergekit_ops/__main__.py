@@ -102,7 +102,6 @@ def main(argv: list[str] | None = None) -> int:
         import torch
 
         from .engine import MergeOptions, merge_file
-        from .errors import MergeError
         from .progress import ProgressBar
         gc.freeze()
 
@@ -112,20 +111,29 @@ def main(argv: list[str] | None = None) -> int:
         compute_dtype=getattr(torch, args.compute_dtype), allow_crimes=args.allow_crimes,
         allow_pickle=args.allow_pickle, copy_tokenizer=args.copy_tokenizer, progress=bar,
     )
+    code, out = guarded(lambda: merge_file(args.recipe, args.out_dir, options, args.intermediate_dir),
+                        args.out_dir, bar)
+    if code == 0 and not args.quiet:
+        print(f"merged model written to {out}", file=sys.stderr)
+    return code
+
+
+def guarded(work, out_dir: str, bar) -> tuple[int, object]:
+    """(0, work()); or, when the input is at fault or the user interrupts, one line on stderr and
+    (exit code, None). The progress bar is closed either way."""
+    from .errors import MergeError
+
     try:
-        out = merge_file(args.recipe, args.out_dir, options, args.intermediate_dir)
+        return 0, work()
     except (MergeError, OSError) as exc:  # an OSError names its file
         print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return 2, None
     except KeyboardInterrupt:
-        print(f"interrupted: {args.out_dir} is as it was before", file=sys.stderr)
-        return 130
+        print(f"interrupted: {out_dir} is as it was before", file=sys.stderr)
+        return 130, None
     finally:
         if bar:
             bar.close()
-    if not args.quiet:
-        print(f"merged model written to {out}", file=sys.stderr)
-    return 0
 
 
 def leave(code: int) -> None:

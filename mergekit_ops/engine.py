@@ -24,7 +24,7 @@ from .errors import MergeError
 from .files import side_files_bytes, write_side_files
 from .lora import input_dirs
 from .methods.job import TensorJob
-from .outdir import check_out_dir, check_space, clean_leftovers, mark, replace_dir, temp_dir, write_failure
+from .outdir import build_in_place, check_out_dir, clean_leftovers, temp_dir
 from .outputs import OutputBuffers
 from .plan import MergePlan, TensorTask, build_plan
 from .recipe import Recipe, load_recipes
@@ -153,16 +153,10 @@ def execute(plan: MergePlan, out_dir: Path, options: MergeOptions, base_dir: Pat
     writer = ShardWriter(tmp, plan_shards([(t.name, t.out_dtype, t.shape) for t in plan.tasks],
                                           options.out_shard_size), sha256=options.sha256)
     needed = writer.nbytes + side_files_bytes(plan, options.copy_tokenizer)
-    try:
-        out_dir.parent.mkdir(parents=True, exist_ok=True)
-        free = check_space(out_dir, needed)
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
-    except OSError as exc:
-        raise write_failure(exc, out_dir, needed, 0) from None
     if options.sha256 is not None:
         options.sha256.clear()
-    try:
+
+    def fill() -> None:
         write_side_files(plan, tmp, options.copy_tokenizer)
         reader = _Reader(plan.checkpoints)
         try:
@@ -172,17 +166,8 @@ def execute(plan: MergePlan, out_dir: Path, options: MergeOptions, base_dir: Pat
         # the merge's many small objects would trigger full collections (their cost: docs/benchmarks.md)
         with collector.paused(), _workers() as pool, _draw_threads(device) as draws:
             _run(plan, writer, device, replace(options, pool=pool, draws=draws, outputs=OutputBuffers()), extras)
-        writer.close()
-        mark(tmp)
-        replace_dir(tmp, out_dir)
-    except BaseException as exc:
-        try:
-            writer.abort()
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(exc, OSError):
-            raise write_failure(exc, out_dir, needed, free) from None
-        raise
+
+    build_in_place(out_dir, tmp, writer, needed, fill)
     return out_dir
 
 

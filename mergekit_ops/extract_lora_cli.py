@@ -6,7 +6,7 @@ import argparse
 import os
 import sys
 
-from .__main__ import keep_freed_memory, leave
+from .__main__ import guarded, keep_freed_memory, leave
 
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -56,7 +56,6 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as the merge CLI: idle workers must not spin
     import torch
 
-    from .errors import MergeError
     from .lora_extract import REPORT, ExtractOptions, extract_lora
     from .progress import ProgressBar
 
@@ -64,21 +63,11 @@ def main(argv: list[str] | None = None) -> int:
     options = ExtractOptions(rank=args.rank, target_modules=args.target_modules, embeddings=args.embeddings,
                              norms=args.norms, dtype=getattr(torch, args.dtype) if args.dtype else None,
                              base_name=args.base_name, progress=bar)
-    try:
-        report = extract_lora(args.model, args.base, args.out_dir, options)
-    except (MergeError, OSError) as exc:  # an OSError names its file
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"interrupted: {args.out_dir} is as it was before", file=sys.stderr)
-        return 130
-    finally:
-        if bar:
-            bar.close()
-    if not args.quiet:
+    code, report = guarded(lambda: extract_lora(args.model, args.base, args.out_dir, options), args.out_dir, bar)
+    if code == 0 and not args.quiet:
         print("\n".join(summary_lines(report)))
         print(f"adapter written to {args.out_dir} (report: {REPORT})", file=sys.stderr)
-    return 0
+    return code
 
 
 def cli() -> None:

@@ -153,7 +153,8 @@ def _updates(ref: str, weights: Path, infos: dict[str, TensorInfo], config: dict
     for name, got in sorted(parts.items()):
         module = name.removesuffix(".weight")
         emb = "lora_embedding_A" in got or "lora_embedding_B" in got
-        a, b = (got.get("lora_embedding_A"), got.get("lora_embedding_B")) if emb else (got.get("lora_A"), got.get("lora_B"))
+        kind = "lora_embedding_" if emb else "lora_"
+        a, b = got.get(kind + "A"), got.get(kind + "B")
         if (a is None) != (b is None):
             have, lack = (a, "B") if b is None else (b, "A")
             raise CheckpointError(f"adapter '{ref}': {weights} has '{have.name}' but not its lora_{lack} partner")

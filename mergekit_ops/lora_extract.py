@@ -29,7 +29,6 @@ import json
 import logging
 import math
 import re
-import shutil
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,7 +38,7 @@ import torch
 from .checkpoint import Checkpoint
 from .errors import CheckpointError, MergeError
 from .low_rank import low_rank_factors, one_thread, relative_error
-from .outdir import check_out_dir, check_space, clean_leftovers, mark, replace_dir, temp_dir, write_failure
+from .outdir import build_in_place, check_out_dir, clean_leftovers, temp_dir
 from .safetensors_io import ShardPlan, ShardWriter, read_tensor
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -111,54 +110,28 @@ def extract_lora(model: str, base: str, out_dir: str | Path, options: ExtractOpt
     copied = {name for part in copies for name in part.sources}
     uncaptured = {name: norm for name, norm in changes.items() if norm and name not in copied}
 
-    def fill(folder: Path, writer: ShardWriter) -> dict:
+    out_dir = Path(out_dir).absolute()
+    check_out_dir(out_dir, {f"model '{model}'": tuned.path, f"base '{base}'": origin.path},
+                  {"the working directory": Path.cwd()})
+    clean_leftovers(out_dir)
+    tmp = temp_dir(out_dir)
+    writer = ShardWriter(tmp, [ShardPlan(ADAPTER_WEIGHTS, [out for part in parts
+                                                           for out in part.outputs(tuned, options.dtype)])])
+
+    def fill() -> dict:
         with one_thread():  # the report's norms too are part of the output: one summation order
             modules = _write_parts(parts, tuned, origin, writer, options)
-        writer.close()
         report = build_report(model, base, options, modules, changes, uncaptured)
-        _write_json(folder / ADAPTER_CONFIG, adapter_config(tuned, base, options, parts))
-        _write_json(folder / REPORT, report)
+        _write_json(tmp / ADAPTER_CONFIG, adapter_config(tuned, base, options, parts))
+        _write_json(tmp / REPORT, report)
         return report
 
-    layout = [out for part in parts for out in part.outputs(tuned, options.dtype)]
-    report = _build_in_place(Path(out_dir), {f"model '{model}'": tuned.path, f"base '{base}'": origin.path},
-                             layout, fill)
+    report = build_in_place(out_dir, tmp, writer, writer.nbytes + 2**20, fill)  # config and report: < 1 MiB
     if uncaptured:
         log.warning("%d changed tensors are not in the adapter (%.1f%% of the change's norm): %s%s",
                     len(uncaptured), 100 * report["uncaptured"]["delta_norm_share"], ", ".join(sorted(uncaptured)[:5]),
                     ", ..." if len(uncaptured) > 5 else "")
     return report
-
-
-def _build_in_place(out_dir: Path, inputs: dict[str, Path], layout: list, fill: Callable) -> dict:
-    """Run fill(folder, writer of the planned weights) in a temporary sibling of out_dir and swap it
-    in when it returns: out_dir is the old output, or the whole new one, never a part (outdir.py)."""
-    out_dir = out_dir.absolute()
-    check_out_dir(out_dir, inputs, {"the working directory": Path.cwd()})
-    clean_leftovers(out_dir)
-    tmp = temp_dir(out_dir)
-    writer = ShardWriter(tmp, [ShardPlan(ADAPTER_WEIGHTS, layout)])
-    needed = writer.nbytes + 2**20  # the config and the report: well under a MiB
-    try:
-        out_dir.parent.mkdir(parents=True, exist_ok=True)
-        free = check_space(out_dir, needed)
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
-    except OSError as exc:
-        raise write_failure(exc, out_dir, needed, 0) from None
-    try:
-        result = fill(tmp, writer)
-        mark(tmp)
-        replace_dir(tmp, out_dir)
-    except BaseException as exc:
-        try:
-            writer.abort()
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(exc, OSError):
-            raise write_failure(exc, out_dir, needed, free) from None
-        raise
-    return result
 
 
 def _check_options(options: ExtractOptions) -> None:

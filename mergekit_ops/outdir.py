@@ -16,8 +16,11 @@ import os
 import re
 import shutil
 from pathlib import Path
+from typing import Callable, TypeVar
 
 from .errors import MergeError
+
+T = TypeVar("T")
 
 MARKER = ".mergekit_ops"
 MARKER_TEXT = "Written by mergekit_ops: a later merge into this directory may replace it whole.\n"
@@ -69,6 +72,34 @@ def replace_dir(tmp: Path, out_dir: Path) -> None:
     os.replace(tmp, out_dir)
     if old is not None:
         shutil.rmtree(old)
+
+
+def build_in_place(out_dir: Path, tmp: Path, writer, needed: int, fill: Callable[[], T]) -> T:
+    """Make tmp beside out_dir (room for `needed` bytes checked first), let fill() write into it
+    (the weights through `writer`, a ShardWriter for tmp), then swap it in: out_dir is the old output
+    or the whole new one, never a part. On any failure the writer is aborted and tmp removed; an
+    OSError becomes an error that names the file and the space needed."""
+    try:
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        free = check_space(out_dir, needed)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+    except OSError as exc:
+        raise write_failure(exc, out_dir, needed, 0) from None
+    try:
+        result = fill()
+        writer.close()
+        mark(tmp)
+        replace_dir(tmp, out_dir)
+    except BaseException as exc:
+        try:
+            writer.abort()
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(exc, OSError):
+            raise write_failure(exc, out_dir, needed, free) from None
+        raise
+    return result
 
 
 def clean_leftovers(out_dir: Path) -> None:

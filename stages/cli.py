@@ -43,20 +43,23 @@ def build_parser() -> argparse.ArgumentParser:
     lineage.add_argument("--sync", action="store_true", help="instead, record every current build (models, merges, "
                          "metrics, registry aliases) the store lacks, from params.yaml and the files; builds "
                          "`dvc status` finds out of date are left out")
-    search = sub.add_parser("search", help="run a search's trials by hand: another worker, or N through submitit",
-                            description="Run the search of conf/searches/NAME.yaml (`dvc repro` runs it as the "
-                            "stage search-NAME). `mergeforge search NAME --worker` adds a worker to its study, on "
-                            "this machine or another sharing its storage; `--submit N [--on slurm]` starts N "
-                            "through submitit. `mergeforge search NAME --help` lists every option.")
-    search.add_argument("args", nargs=argparse.REMAINDER, metavar="NAME [OPTION ...]",
-                        help="the search, then the options of `python -m stages.search`")
-    export = sub.add_parser("export", help="export a model folder for llama.cpp, Ollama and LM Studio",
-                            description="Write MODEL_DIR (a Llama-family safetensors model) as OUT_DIR/model.gguf, "
-                            "OUT_DIR/Modelfile (Ollama) and OUT_DIR/lmstudio/PUBLISHER/MODEL/FILE.gguf. In a "
-                            "project, conf/exports/NAME.yaml does it as a stage. `mergeforge export DIR OUT --help` "
-                            "lists the options.")
-    export.add_argument("args", nargs=argparse.REMAINDER, metavar="MODEL_DIR OUT_DIR [OPTION ...]",
-                        help="the model folder, the output folder, then --type, --name, --publisher")
+    forwarded = {  # name: (help, description, what its arguments are, their help)
+        "search": ("run a search's trials by hand: another worker, or N through submitit",
+                   "Run the search of conf/searches/NAME.yaml (`dvc repro` runs it as the stage search-NAME). "
+                   "`mergeforge search NAME --worker` adds a worker to its study, on this machine or another "
+                   "sharing its storage; `--submit N [--on slurm]` starts N through submitit. "
+                   "`mergeforge search NAME --help` lists every option.",
+                   "NAME [OPTION ...]", "the search, then the options of `python -m stages.search`"),
+        "export": ("export a model folder for llama.cpp, Ollama and LM Studio",
+                   "Write MODEL_DIR (a Llama-family safetensors model) as OUT_DIR/model.gguf, OUT_DIR/Modelfile "
+                   "(Ollama) and OUT_DIR/lmstudio/PUBLISHER/MODEL/FILE.gguf. In a project, conf/exports/NAME.yaml "
+                   "does it as a stage. `mergeforge export DIR OUT --help` lists the options.",
+                   "MODEL_DIR OUT_DIR [OPTION ...]",
+                   "the model folder, the output folder, then --type, --name, --publisher"),
+    }
+    for name, (text, description, metavar, args_help) in forwarded.items():  # their own parsers read the rest
+        sub.add_parser(name, help=text, description=description).add_argument(
+            "args", nargs=argparse.REMAINDER, metavar=metavar, help=args_help)
     return p
 
 

@@ -148,7 +148,7 @@ def test_a_real_full_disk_is_a_one_line_error_up_front_and_midway(tmp_path, seed
     result = _cli([str(recipe), str(disk / "second")], cwd=tmp_path)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert result.stderr.startswith(f"error: not enough disk space for {disk / 'second'}"), result.stderr
-    monkeypatch.setattr(engine_module, "check_space", lambda *_: 10**12)  # a disk that fills anyway
+    monkeypatch.setattr(outdir, "check_space", lambda *_: 10**12)  # a disk that fills anyway
     with pytest.raises(MergeError, match=f"the disk filled up while writing {disk / 'second'}"):
         merge(recipe, disk / "second")
     assert tree_digests(disk) == before
