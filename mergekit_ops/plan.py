@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
+from .arch_modules import modules_of, owner
 from .checkpoint import Checkpoint
 from .errors import CheckpointError, RecipeError
 from .methods.base import REQUIRED, Param
@@ -53,6 +54,7 @@ class MergePlan:
     num_layers: int | None  # set for slice merges: the output's layer count
     load_dtype: torch.dtype | None  # recipe `dtype`: inputs are rounded to it before the math
     vocab: VocabPlan | None = None  # set with a tokenizer source: the output vocabulary
+    layer_counts: dict[str, int] = field(default_factory=dict)  # `modules:` slices: config key -> layers
 
 
 def layer_index(name: str) -> int | None:
@@ -97,13 +99,44 @@ def build_plan(recipe: Recipe, checkpoints: dict[str, Checkpoint], allow_crimes:
     else:
         vocab = None
         _check_same_token_ids(ckpts, reference)
+    load = TORCH_DTYPES[recipe.dtype] if recipe.dtype else None
+    if recipe.modules:
+        return _plan_modules(recipe, ckpts, index, reference, vocab, load)
     planner = _Planner(recipe, ckpts, index, vocab)
     if recipe.models:
         tasks, num_layers = planner.whole_model(reference), None
     else:
         tasks, num_layers = planner.sliced()
-    load = TORCH_DTYPES[recipe.dtype] if recipe.dtype else None
     return MergePlan(recipe, ckpts, reference, tasks, num_layers, load, vocab)
+
+
+def _plan_modules(recipe: Recipe, ckpts: list[Checkpoint], index: dict[str, int], reference: int,
+                  vocab: VocabPlan | None, load: torch.dtype | None) -> MergePlan:
+    """A `modules:` recipe: each module planned as a recipe of its own over the tensors it holds
+    (arch_modules.py), in the recipe's order; modules it leaves out are not in the output."""
+    arch = modules_of(ckpts[reference].config)
+    unknown = [name for name in recipe.modules if name not in arch]
+    if unknown:
+        what = (ckpts[reference].config.get("architectures") or ["this architecture"])[0]
+        raise RecipeError(f"{what} has no module '{unknown[0]}'; its modules: {', '.join(arch)}",
+                          recipe.source, f"modules.{unknown[0]}")
+    single = list(arch) == ["default"]  # one module holding every tensor: a plain recipe, module parameters
+    tasks, num_layers, counts = [], None, {}
+    for name, module in recipe.modules.items():
+        only = None if single else (lambda tensor, name=name: owner(arch, tensor) == name)
+        planner = _Planner(module, ckpts, index, vocab, only)
+        if module.models:
+            tasks += planner.whole_model(reference)
+            continue
+        module_tasks, layers = planner.sliced()
+        tasks += module_tasks
+        if single:
+            num_layers = layers
+        elif arch[name].layers_key:
+            counts[arch[name].layers_key] = layers
+    # the one module's recipe stands for a single-module model: its slices give the output's layer types
+    return MergePlan(recipe.modules["default"] if single else recipe, ckpts, reference, tasks, num_layers, load,
+                     vocab, counts)
 
 
 def _plan_vocab(recipe: Recipe, ckpts: list[Checkpoint], reference: int, index: dict[str, int]) -> VocabPlan:
@@ -158,19 +191,26 @@ def _check_same_token_ids(ckpts: list[Checkpoint], reference: int) -> None:
 
 
 class _Planner:
-    def __init__(self, recipe: Recipe, ckpts: list[Checkpoint], index: dict[str, int], vocab: VocabPlan | None):
+    def __init__(self, recipe: Recipe, ckpts: list[Checkpoint], index: dict[str, int], vocab: VocabPlan | None,
+                 only: Callable[[str], bool] | None = None):
         self.recipe, self.ckpts, self.index, self.vocab = recipe, ckpts, index, vocab
         self.method = recipe.method
+        self.only = only  # a module's tensors (`modules:`); None: every tensor
+
+    def _names(self, ckpt: Checkpoint) -> list[str]:
+        return [n for n in ckpt.tensors if self.only is None or self.only(n)]
 
     def whole_model(self, reference: int) -> list[TensorTask]:
         _, sources, base = self.recipe.groups()[0]
         ref = self.ckpts[reference]
-        n = layer_count(ref)
-        names = set(ref.tensors)
-        if LM_HEAD not in names and any(LM_HEAD in self.ckpts[self.index[s.model]].tensors for s in sources):
+        names = set(self._names(ref))
+        layers = [i for i in map(layer_index, names) if i is not None]
+        n = layer_count(ref) if self.only is None else (max(layers) + 1 if layers else 0)
+        if self.only is None and LM_HEAD not in names and any(
+                LM_HEAD in self.ckpts[self.index[s.model]].tensors for s in sources):
             names.add(LM_HEAD)  # some inputs have an untied head: the others contribute their embeddings
         for s in sources:  # a tensor the reference lacks would be dropped from the output unseen
-            extra = sorted(set(self.ckpts[self.index[s.model]].tensors) - names)
+            extra = sorted(set(self._names(self.ckpts[self.index[s.model]])) - names)
             if extra:
                 raise CheckpointError(
                     f"model '{s.model}' has tensor '{extra[0]}' but '{ref.ref}', whose tensors the output "
@@ -191,7 +231,7 @@ class _Planner:
             ref_source = self._slice_reference(sl)
             ref = self.ckpts[self.index[ref_source.model]]
             by_layer: dict[int, list[str]] = {}
-            for n in sorted(ref.tensors, key=natural_key):
+            for n in sorted(self._names(ref), key=natural_key):
                 by_layer.setdefault(layer_index(n), []).append(n)
             start, end = ref_source.layer_range
             for k in range(end - start):
@@ -212,7 +252,7 @@ class _Planner:
         ref = self.ckpts[self.index[self._slice_reference(sl).model]]
         return [self._task(name, [(s, name) for s in sl.sources], sl.base_model or self.recipe.base_model,
                            sl.parameters, 0.0)
-                for name in sorted((n for n in ref.tensors if section(n) == which), key=natural_key)]
+                for name in sorted((n for n in self._names(ref) if section(n) == which), key=natural_key)]
 
     def _slice_reference(self, sl) -> Source:
         base = sl.base_model or self.recipe.base_model
@@ -240,7 +280,7 @@ class _Planner:
             out_dtype = info.dtype
             for _, i, n in named:
                 out_dtype = torch.promote_types(out_dtype, self.ckpts[i].tensors[n].dtype)
-        scopes = [slice_params, recipe.parameters]
+        scopes = [slice_params, recipe.module_parameters, recipe.parameters]
         model_params = [{p.name: self._value(p, [s.parameters] + scopes, n, t, s.model) for p in method.model_params}
                         for s, _, n in others]
         params = {p.name: self._value(p, scopes, out_name, t, None) for p in method.params}
@@ -294,6 +334,13 @@ def output_config(plan: MergePlan) -> dict:
         if isinstance(config.get("layer_types"), list):
             config["layer_types"] = [t for sl in plan.recipe.slices
                                      for t in config["layer_types"][slice(*sl.sources[0].layer_range)]]
+    for key, layers in plan.layer_counts.items():  # a module's stack, e.g. vision_config.depth
+        *path, last = key.split(".")
+        node = config
+        for part in path:  # copies: the reference checkpoint's config stays as read
+            node[part] = dict(node.get(part) or {})
+            node = node[part]
+        node[last] = layers
     if plan.vocab is not None:
         config["vocab_size"] = plan.vocab.rows
     dtype = plan.recipe.out_dtype or plan.recipe.dtype

@@ -74,11 +74,16 @@ class Recipe:
     tokens: dict[str, TokenSource] = field(default_factory=dict)  # with a tokenizer source: per-token rows
     chat_template: str | None = None
     name: str | None = None
+    modules: dict[str, "Recipe"] = field(default_factory=dict)  # `modules:`: one recipe per module, by name
+    module: str | None = None  # the module this recipe is, in a `modules:` recipe
+    module_parameters: dict[str, Any] = field(default_factory=dict)  # a module's: between a slice's and the top
 
     def groups(self) -> list[tuple[str, list[Source], str | None]]:
         """(key, sources, base) per merge group. With `models:`, a base_model that is not listed is
         appended as one more source (mergekit does the same): methods that merge the base like any
         other model then see it as an input."""
+        if self.modules:
+            return [group for module in self.modules.values() for group in module.groups()]
         if self.models:
             sources = list(self.models)
             if self.base_model and all(s.model != self.base_model for s in sources):
@@ -106,9 +111,13 @@ class Recipe:
             self.tokenizer_source = mapping.get(name, self.tokenizer_source)
         for token in self.tokens.values():
             token.model = renamed(token.model)
+        for module in self.modules.values():
+            module.rename_models(mapping)
 
     def model_refs(self) -> list[str]:
         """Every model the recipe reads, first-seen order, base included."""
+        if self.modules:
+            return list(dict.fromkeys(ref for module in self.modules.values() for ref in module.model_refs()))
         refs = [s.model for s in self.models] if self.models else [s.model for sl in self.slices for s in sl.sources]
         refs += [self.base_model] if self.base_model else []
         refs += [sl.base_model for sl in self.slices or [] if sl.base_model]
@@ -178,11 +187,9 @@ def parse_recipe(doc: Any, source: str) -> Recipe:
         raise RecipeError(f"unknown merge method '{method_name}'{_suggest(method_name, METHODS)}; "
                           f"known: {', '.join(sorted(METHODS))}", source, "merge_method")
     method = METHODS[method_name]
-    if doc.get("modules") is not None:
-        raise RecipeError("not supported by mergekit_ops yet", source, "modules")
-    has_models, has_slices = doc.get("models") is not None, doc.get("slices") is not None
-    if has_models == has_slices:
-        raise RecipeError("give exactly one of 'models' or 'slices'", source, "models")
+    given = [k for k in ("models", "slices", "modules") if doc.get(k) is not None]
+    if len(given) != 1:
+        raise RecipeError("give exactly one of 'models', 'slices' or 'modules'", source, "models")
     recipe = Recipe(
         merge_method=method_name, method=method, source=source,
         base_model=_model_ref(doc.get("base_model"), source, "base_model", optional=True),
@@ -192,13 +199,46 @@ def parse_recipe(doc: Any, source: str) -> Recipe:
         chat_template=_str(doc.get("chat_template"), source, "chat_template"),
         name=_name(doc.get("name"), source),
     )
-    if has_models:
+    if given == ["models"]:
         recipe.models = _models(doc["models"], source)
-    else:
+    elif given == ["slices"]:
         recipe.slices = _slices(doc["slices"], source)
+    else:
+        recipe.modules = _modules(doc["modules"], recipe)
     _tokenizer(recipe, doc)
-    _check_contract(recipe)
+    for module in recipe.modules.values() or [recipe]:
+        _check_contract(module)
     return recipe
+
+
+def _modules(value: Any, recipe: Recipe) -> dict[str, Recipe]:
+    """`modules: {NAME: {models | slices, parameters}}`: per module of the architecture (plan.py
+    finds which tensors each holds), a recipe of its own with the top level's method, base model
+    and settings, its parameters between its slices' and the top level's."""
+    source = recipe.source
+    if not isinstance(value, dict) or not value or not all(isinstance(k, str) and k for k in value):
+        raise RecipeError("a mapping of module name -> {models or slices, parameters}", source, "modules")
+    out = {}
+    for name, body in value.items():
+        key = f"modules.{name}"
+        if not isinstance(body, dict):
+            raise RecipeError("a mapping with 'models' or 'slices' (and optionally 'parameters')", source, key)
+        extra = set(body) - {"models", "slices", "parameters"}
+        if extra:
+            bad = sorted(extra)[0]
+            raise RecipeError(f"unknown key{_suggest(bad, ['models', 'slices', 'parameters'])}", source, f"{key}.{bad}")
+        if (body.get("models") is None) == (body.get("slices") is None):
+            raise RecipeError("give exactly one of 'models' or 'slices'", source, key)
+        module = Recipe(merge_method=recipe.merge_method, method=recipe.method, source=f"{source} (module '{name}')",
+                        base_model=recipe.base_model, parameters=recipe.parameters, dtype=recipe.dtype,
+                        out_dtype=recipe.out_dtype, chat_template=recipe.chat_template, module=name,
+                        module_parameters=_params(body.get("parameters"), source, f"{key}.parameters"))
+        if body.get("models") is not None:
+            module.models = _models(body["models"], module.source)
+        else:
+            module.slices = _slices(body["slices"], module.source)
+        out[name] = module
+    return out
 
 
 def _check_contract(recipe: Recipe) -> None:
@@ -225,7 +265,8 @@ def _check_contract(recipe: Recipe) -> None:
                 ranges = ", ".join(f"{s.model} {list(s.layer_range)}" for s in sl.sources)
                 raise RecipeError(f"layer ranges in one slice must have equal length: {ranges}",
                                   source, f"slices[{i}].sources")
-    scopes = [("parameters", recipe.parameters, True)]
+    scopes = [("parameters", recipe.parameters, True),
+              (f"modules.{recipe.module}.parameters", recipe.module_parameters, True)]
     scopes += [(f"slices[{i}].parameters", sl.parameters, True) for i, sl in enumerate(recipe.slices or [])]
     sources = [s for _, group, _ in recipe.groups() for s in group]
     scopes += [(f"{s.model}.parameters", s.parameters, False) for s in sources]
@@ -245,12 +286,13 @@ def _check_contract(recipe: Recipe) -> None:
                 problem = p.check(v) if p.check else None
                 if problem:
                     raise RecipeError(f"{key} {problem}", source, f"{where}.{key}")
+    given = {**recipe.parameters, **recipe.module_parameters}
     for p in method.params:
-        if p.default is REQUIRED and p.name not in recipe.parameters and not any(
+        if p.default is REQUIRED and p.name not in given and not any(
                 p.name in sl.parameters for sl in recipe.slices or []):
             raise RecipeError(f"{method.name} needs parameter '{p.name}'", source, f"parameters.{p.name}")
     for p in method.model_params:
-        if p.default is not REQUIRED or p.name in recipe.parameters:
+        if p.default is not REQUIRED or p.name in given:
             continue
         for s in sources:
             if s.model == recipe.base_model and method.base != "unused":

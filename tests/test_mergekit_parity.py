@@ -9,7 +9,8 @@ MERGEFORGE_REQUIRE_ALL=1 (CI), which makes that a failure.
 Cases: every case of bench/parity.py (methods, gradients, filter lists, slices), plus `filter: "*"`,
 tokenizer modes (`tokenizer_source` union / base / a model, `pad_to_multiple_of`, `tokens` with
 `kind: zero`, a model, `kind: model_token` by token and by id, `force`) on models whose tokenizers
-differ, and LoRA references (`model: BASE+ADAPTER`) in a linear and a ties recipe. mergekit runs
+differ, LoRA references (`model: BASE+ADAPTER`) in a linear and a ties recipe, and `modules:` (Llama's
+one module `default`, and the three modules of a Qwen2.5-VL checkpoint). mergekit runs
 once, in one process (bench/mergekit_batch.py), for all selected cases; ours runs in-process.
 
 Agreement, per entry: |ours - mergekit| <= ATOL + RTOL * |mergekit|, i.e. relative difference
@@ -83,6 +84,8 @@ class Paths:
     LF: str = "LF"
     A1: str = "A1"
     A2: str = "A2"
+    VA: str = "VA"  # modules: two Qwen2.5-VL-shaped checkpoints (text decoder, vision tower, projector)
+    VB: str = "VB"
 
 
 def all_cases(p: Paths) -> dict[str, Case]:
@@ -129,6 +132,19 @@ def all_cases(p: Paths) -> dict[str, Case]:
             "x_id": {"source": {"kind": "model_token", "model": p.TB, "token_id": 6}},
             "x_zero": {"source": {"kind": "zero"}},
             "t2": {"source": {"kind": "zero"}, "force": True}}}), tokenizer=True),
+        "modules_default": Case({"merge_method": "ties", "base_model": p.B, "parameters": {"weight": 0.3},
+                                 "modules": {"default": {
+                                     "parameters": {"density": [{"filter": "mlp", "value": 0.4}], "weight": 0.6},
+                                     "models": [{"model": p.F1, "parameters": {"density": 0.7}},
+                                                {"model": p.F2, "parameters": {"weight": [0.2, 0.9]}}]}},
+                                 "dtype": "float32"}),
+        "modules_qwen2_5_vl": Case({"merge_method": "linear", "dtype": "float32", "modules": {
+            "text_decoder": {"models": [{"model": p.VA, "parameters": {"weight": 0.25}},
+                                        {"model": p.VB, "parameters": {"weight": 0.75}}]},
+            "vision_tower": {"parameters": {"weight": [0.0, 1.0]},  # t over the tower's own layers
+                             "models": [{"model": p.VA}, {"model": p.VB, "parameters": {"weight": 1.0}}]},
+            "multi_modal_projector": {"parameters": {"weight": 0.2},
+                                      "models": [{"model": p.VB}, {"model": p.VA, "parameters": {"weight": 0.5}}]}}}),
         "lora_linear": Case(lin((f"{p.LB}+{p.A1}", 0.6), (p.LF, 0.4))),
         "lora_ties": Case({"merge_method": "ties", "base_model": p.LB, "models": [
             {"model": f"{p.LB}+{p.A1}", "parameters": {"weight": 0.5, "density": 0.5}},
@@ -219,6 +235,39 @@ def _lora_family(root: Path, seed: int) -> tuple[str, str, str, str]:
     return str(base), str(tuned), adapters[0], adapters[1]
 
 
+def _vl_model(path: Path, seed: int, text_layers: int = 3, vision_layers: int = 4, h: int = 8) -> str:
+    """A checkpoint with every tensor mergekit's Qwen2.5-VL definition names (random, small), and a
+    config transformers reads (mergekit takes the layer counts from it)."""
+    g = torch.Generator().manual_seed(seed)
+    state = {"lm_head.weight": torch.randn(20, h, generator=g),
+             "model.embed_tokens.weight": torch.randn(20, h, generator=g), "model.norm.weight": torch.randn(h, generator=g), "visual.merger.ln_q.weight": torch.randn(h, generator=g),
+             "visual.patch_embed.proj.weight": torch.randn(h, 6, generator=g)}
+    layers = [(f"model.layers.{i}.", ["mlp.down_proj", "mlp.gate_proj", "mlp.up_proj", "self_attn.o_proj"],
+               ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"],
+               ["input_layernorm", "post_attention_layernorm"])
+              for i in range(text_layers)]
+    layers += [(f"visual.blocks.{i}.", [], ["attn.proj", "attn.qkv", "mlp.down_proj", "mlp.gate_proj", "mlp.up_proj"],
+                ["norm1", "norm2"]) for i in range(vision_layers)]
+    layers += [("visual.merger.", [], ["mlp.0", "mlp.2"], [])]
+    for prefix, plain, biased, norms in layers:
+        for n in plain + biased:
+            state[f"{prefix}{n}.weight"] = torch.randn(h, h, generator=g)
+        for n in biased:
+            state[f"{prefix}{n}.bias"] = torch.randn(h, generator=g)
+        for n in norms:
+            state[f"{prefix}{n}.weight"] = torch.randn(h, generator=g)
+    path.mkdir(parents=True)
+    save_file(state, str(path / "model.safetensors"), metadata={"format": "pt"})
+    (path / "config.json").write_text(json.dumps({
+        "architectures": ["Qwen2_5_VLForConditionalGeneration"], "model_type": "qwen2_5_vl",
+        "tie_word_embeddings": False,
+        "text_config": {"model_type": "qwen2_5_vl_text", "num_hidden_layers": text_layers, "hidden_size": h,
+                        "num_attention_heads": 2, "num_key_value_heads": 2, "intermediate_size": h, "vocab_size": 20},
+        "vision_config": {"model_type": "qwen2_5_vl", "depth": vision_layers, "hidden_size": h, "num_heads": 2,
+                          "out_hidden_size": h}}))
+    return str(path)
+
+
 # ---------------------------------------------------------------------------------------------
 # the batch: checkpoints once, mergekit once
 
@@ -256,7 +305,8 @@ def batch(request, tmp_path_factory) -> Batch:
               _tokenizer_model(Path(B), tok / "base", TOKENS, [], seed),
               _tokenizer_model(Path(F1), tok / "shuffled", [TOKENS[i] for i in perm] + ["x_a"], ["<extra>"], seed + 1),
               _tokenizer_model(Path(F2), tok / "narrow", TOKENS[:-2] + ["x_b", "x_a"], [], seed + 2),
-              *_lora_family(root / "lora", seed))
+              *_lora_family(root / "lora", seed),
+              _vl_model(root / "vl" / "a", seed), _vl_model(root / "vl" / "b", seed + 1))
     cases = all_cases(p)
     names = _selected(request.session, Path(request.module.__file__))
     recipes, jobs = {}, []

@@ -107,8 +107,8 @@ def test_unknown_slice_or_source_key_suggests_closest(tmp_path, entry, key, sugg
     assert f"did you mean '{suggestion}'" in msg and key in msg
 
 
-def test_models_and_slices_are_exclusive(tmp_path):
-    assert "exactly one of 'models' or 'slices'" in _error(tmp_path, "merge_method: linear\n")
+def test_models_slices_and_modules_are_exclusive(tmp_path):
+    assert "exactly one of 'models', 'slices' or 'modules'" in _error(tmp_path, "merge_method: linear\n")
 
 
 def test_invalid_yaml_names_the_file(tmp_path):

@@ -10,8 +10,8 @@ from .errors import EvalError
 from .layout import search_files
 
 # mergekit's own order of a recipe's keys (its MergeConfiguration), so a recipe reads as mergekit writes it
-RECIPE_ORDER = ("merge_method", "slices", "models", "parameters", "base_model", "dtype", "tokenizer_source",
-                "tokenizer", "chat_template", "out_dtype")
+RECIPE_ORDER = ("merge_method", "slices", "models", "modules", "parameters", "base_model", "dtype",
+                "tokenizer_source", "tokenizer", "chat_template", "out_dtype")
 
 
 def mergekit_body(body: dict) -> dict:

@@ -51,6 +51,7 @@ class MergeRecipe:
     merge_method: str = MISSING
     models: Optional[List[Any]] = None
     slices: Optional[List[Any]] = None
+    modules: Optional[Dict[str, Any]] = None  # per module of a multimodal architecture: models or slices, parameters
     base_model: Optional[str] = None
     parameters: Optional[Dict[str, Any]] = None
     dtype: Optional[str] = None

@@ -133,7 +133,7 @@ def _check_source(m: dict, where: Path, key: str) -> None:
 
 
 def check_evaluation(cfg: DictConfig, conf_dir: Path, known: set[str]) -> None:
-    """Suites, the baseline and publish targets name things that exist."""
+    """Suites, the baseline, publish targets and exports name things that exist."""
     if cfg.evaluate.baseline is not None and cfg.evaluate.baseline not in known:
         raise ConfigError(f"{conf_dir / 'config.yaml'}: key 'evaluate.baseline': no model or recipe "
                           f"'{cfg.evaluate.baseline}'")
