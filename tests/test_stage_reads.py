@@ -13,6 +13,7 @@ import yaml
 from pipeline import ALWAYS, hub_cache, new_project, repro, run
 from stages.common.layout import model_dir
 from stages.compose.graph import code_deps
+from test_lora_inputs import make_adapter
 from tiny import fresh_seed, write_causal_lm
 
 pytestmark = pytest.mark.slow  # end-to-end: a DVC project built, and each kind of stage run again
@@ -36,6 +37,7 @@ def built(tmp_path_factory, mlflow_template):
     text = "".join(" ".join(f"w{(i * 7 + j) % 21}" for j in range(6)) + "\n" for i in range(4))
     conf = {"eval/lm": {"kind": "perplexity", "tasks": {"text": "data/text.txt"}, "split": {"validation": 0.5}},
             "publish/pub": {"model": "mix", "repo_id": "me/mix", "gates": {}},
+            "exports/l": {"model": "soup", "kind": "lora", "base": "a", "rank": 4},
             "searches/se": {"recipe": {"merge_method": "linear", "models": [
                 {"model": "a", "parameters": {"weight": {"search": [0.1, 1.0]}}}, {"model": "b", "parameters": {"weight": 1.0}}]},
                 "objective": {"suite": "lm"}, "budget": {"trials": 3}, "sampler": "random"}}
@@ -43,10 +45,12 @@ def built(tmp_path_factory, mlflow_template):
                              "models": [{"model": n, "parameters": {"weight": 1.0}} for n in names]}
     merges = {"soup": linear("a", "b"), "mix": linear("soup", "h"),
               "sw": linear("a", "h") | {"sweep": {"key": "models.0.parameters.weight", "values": [0.5, 1.0]}}}
-    new_project(project, local | {"h": {"source": "hub", "repo_id": "org/h", "license": "mit"}}, merges, env,
-                conf=conf, files={"data/text.txt": text}, mlflow_db=mlflow_template)
+    adapted = {"ad": {"source": "local", "path": "models/a", "adapter": {"source": "local", "path": "adapters/x"}}}
+    new_project(project, local | adapted | {"h": {"source": "hub", "repo_id": "org/h", "license": "mit"}}, merges,
+                env, conf=conf, files={"data/text.txt": text}, mlflow_db=mlflow_template)
     for i, name in enumerate(local):
         write_causal_lm(project / "models" / name, seed + i)
+    make_adapter(project / "models" / "a", project / "adapters" / "x", seed, r=2, lora_alpha=4)
     config = project / "conf" / "config.yaml"
     config.write_text(config.read_text() + "evaluate:\n  baseline: c\n")
     repro(project, env, check=False)  # the new graph: compose rewrites dvc.yaml and stops
@@ -97,7 +101,7 @@ def _undeclared_reads(project: Path, name: str, stage: dict, env: dict, tmp: Pat
 def test_every_kind_of_stage_reads_only_what_its_dvc_yaml_entry_declares(built, tmp_path):
     project, env, _ = built
     stages = yaml.safe_load((project / "dvc.yaml").read_text())["stages"]
-    kinds = ["compose", "fetch-h", "merge-soup", "merge-mix", "eval-mix", "eval-h", "report-mix", "sweep-sw",
+    kinds = ["compose", "fetch-h", "fetch-ad", "export-l", "merge-soup", "merge-mix", "eval-mix", "eval-h", "report-mix", "sweep-sw",
              "publish-pub", "search-se", "merge-se", "eval-se", "report-se", "lineage"]
     assert set(kinds) <= set(stages), sorted(stages)
     (tmp_path / "store").mkdir()
