@@ -3,12 +3,14 @@ adapter over its base, by the stage export-NAME; config errors name the file and
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
 import yaml
 
 from stages.common.errors import ConfigError
+from stages.compose.conf_files import check_files
 from stages.compose import stage as compose
 from stages.export.stage import build
 from test_compose import _conf
@@ -83,3 +85,23 @@ def test_the_stage_writes_a_gguf_and_an_adapter_that_peft_merges_back(tmp_path, 
     want = load_dir(tuned)
     for name, value in merged.state_dict().items():
         torch.testing.assert_close(value, want[name], rtol=1e-4, atol=1e-5)
+
+
+EXAMPLE_GROUPS = {"local_model": "models", "hub_model": "models", "adapter_model": "models", "linear": "merges",
+                  "ties": "merges", "hub_recipe": "merges", "search": "searches", "publish": "publish",
+                  "export": "exports"}
+
+
+@pytest.mark.parametrize("folder", ["conf/examples", "stages/new_project/template/conf/examples"])
+def test_every_example_is_typed_by_its_group_schema(tmp_path, folder):
+    """The commented examples users copy into conf/ are valid files of the group they name."""
+    examples = sorted((Path(__file__).resolve().parents[1] / folder).glob("*.yaml"))
+    assert {"adapter_model", "export"} <= {p.stem for p in examples}
+    for example in examples:
+        target = tmp_path / "conf" / EXAMPLE_GROUPS[example.stem] / example.name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(example.read_bytes())
+    check_files(tmp_path / "conf")
+    (tmp_path / "conf" / "exports" / "export.yaml").write_text("model: soup\nkind: gguf\ntyp: f16\n")
+    with pytest.raises(ConfigError, match=r"export\.yaml.*typ"):  # the check reads these files
+        check_files(tmp_path / "conf")
