@@ -29,12 +29,13 @@ def build(name: str, params: dict, progress: bool = False) -> Path:
         return out
     from mergekit_ops import ExtractOptions, ProgressBar, extract_lora
 
-    base = params["models"].get(spec["base"], {})
+    base = model_dir(spec["base"], params)
+    hub_id = params["models"].get(spec["base"], {}).get("repo_id")  # what the adapter names as its base
     bar = ProgressBar() if progress else None
     options = ExtractOptions(rank=spec["rank"], embeddings=spec["embeddings"], norms=spec["norms"], progress=bar,
-                             base_name=base.get("repo_id") or str(model_dir(spec["base"], params)))
+                             base_name=hub_id or str(base))
     try:
-        extract_lora(str(source), str(model_dir(spec["base"], params)), out, options)
+        extract_lora(str(source), str(base), out, options)
     finally:
         if bar:
             bar.close()

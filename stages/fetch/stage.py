@@ -46,6 +46,8 @@ def with_adapter(name: str, spec: dict, out: Path) -> Path:
     `base+adapter` input), written to `out` as a plain model folder that every stage can read."""
     from mergekit_ops import MergeOptions, ProgressBar, merge, parse_recipe
 
+    if spec["source"] == "hub":  # pickle-only weights are refused before anything is downloaded
+        hub.check_weights_are_safetensors(spec["repo_id"], hub.repo_files(spec["repo_id"], spec["sha"]))
     base, adapter = (_located(f"model '{name}'", spec, hub.SMALL_FILES + hub.WEIGHT_FILES),
                      _located(f"adapter of model '{name}'", spec["adapter"], ADAPTER_FILES))
     print(f"fetch {name}: {base} with adapter {adapter}", file=sys.stderr)
@@ -64,8 +66,6 @@ def _located(what: str, source: dict, patterns: list[str]) -> Path:
     if source["source"] == "local":
         return Path(source["path"]).absolute()
     repo, sha = source["repo_id"], source["sha"]
-    if patterns is not ADAPTER_FILES:
-        hub.check_weights_are_safetensors(repo, hub.repo_files(repo, sha))
     print(f"fetch {what}: {repo} @ {sha} (revision {source['revision']})", file=sys.stderr)
     return hub.download(repo, sha, patterns)
 
