@@ -237,7 +237,8 @@ def _lora_family(root: Path, seed: int) -> tuple[str, str, str, str]:
 
 def _vl_model(path: Path, seed: int, text_layers: int = 3, vision_layers: int = 4, h: int = 8) -> str:
     """A checkpoint with every tensor mergekit's Qwen2.5-VL definition names (random, small), and a
-    config transformers reads (mergekit takes the layer counts from it)."""
+    config transformers reads (mergekit takes the layer counts from it). Values of the parity models'
+    scale (0.02), which ATOL assumes."""
     g = torch.Generator().manual_seed(seed)
     state = {"lm_head.weight": torch.randn(20, h, generator=g),
              "model.embed_tokens.weight": torch.randn(20, h, generator=g), "model.norm.weight": torch.randn(h, generator=g), "visual.merger.ln_q.weight": torch.randn(h, generator=g),
@@ -257,6 +258,7 @@ def _vl_model(path: Path, seed: int, text_layers: int = 3, vision_layers: int = 
         for n in norms:
             state[f"{prefix}{n}.weight"] = torch.randn(h, generator=g)
     path.mkdir(parents=True)
+    state = {k: 0.02 * v for k, v in state.items()}
     save_file(state, str(path / "model.safetensors"), metadata={"format": "pt"})
     (path / "config.json").write_text(json.dumps({
         "architectures": ["Qwen2_5_VLForConditionalGeneration"], "model_type": "qwen2_5_vl",
