@@ -10,7 +10,8 @@ Cases: every case of bench/parity.py (methods, gradients, filter lists, slices),
 tokenizer modes (`tokenizer_source` union / base / a model, `pad_to_multiple_of`, `tokens` with
 `kind: zero`, a model, `kind: model_token` by token and by id, `force`) on models whose tokenizers
 differ, LoRA references (`model: BASE+ADAPTER`) in a linear and a ties recipe, and `modules:` (Llama's
-one module `default`, and the three modules of a Qwen2.5-VL checkpoint). mergekit runs
+one module `default`, and the three modules of a Qwen2.5-VL checkpoint), and karcher on a deep
+family whose inputs are nearly parallel (where float32 rounding picks the fixed point). mergekit runs
 once, in one process (bench/mergekit_batch.py), for all selected cases; ours runs in-process.
 
 Agreement, per entry: |ours - mergekit| <= ATOL + RTOL * |mergekit|, i.e. relative difference
@@ -62,6 +63,8 @@ MERGEKIT_VERSION = "0.1.5"
 
 TOKENS = [f"t{i}" for i in range(make_checkpoints.SIZES["tiny"]["vocab_size"])]
 VOCAB_TENSORS = ("model.embed_tokens.weight", "lm_head.weight")
+DEEP = {**make_checkpoints.SIZES["tiny"], "num_hidden_layers": 150}
+NEAR = 0.03
 
 
 @dataclass
@@ -77,6 +80,9 @@ class Paths:
     F1: str = "F1"
     F2: str = "F2"
     F3: str = "F3"
+    DB: str = "DB"  # deep family (DEEP): a base, a fine-tune, and one NEAR times as far from the base,
+    DF: str = "DF"  # so that hundreds of small tensors' spherical means land within acos' float32
+    DN: str = "DN"  # floor (~3e-4 rad) of an input
     TB: str = "TB"  # tokenizer family: base (t0..t31)
     TS: str = "TS"  # ft1, shuffled vocabulary + x_a + added special token <extra>
     TN: str = "TN"  # ft2, t0..t29 + x_b, x_a
@@ -145,6 +151,9 @@ def all_cases(p: Paths) -> dict[str, Case]:
                              "models": [{"model": p.VA}, {"model": p.VB, "parameters": {"weight": 1.0}}]},
             "multi_modal_projector": {"parameters": {"weight": 0.2},
                                       "models": [{"model": p.VB}, {"model": p.VA, "parameters": {"weight": 0.5}}]}}}),
+        # near-parallel inputs: which angles round to 0 decides the fixed point (methods/spherical.py)
+        "karcher_near": Case({"merge_method": "karcher", "base_model": p.DB,
+                              "models": [{"model": p.DN}, {"model": p.DF}], "parameters": {"max_iter": 20, "tol": 1e-7}, **fp32}),
         "lora_linear": Case(lin((f"{p.LB}+{p.A1}", 0.6), (p.LF, 0.4))),
         "lora_ties": Case({"merge_method": "ties", "base_model": p.LB, "models": [
             {"model": f"{p.LB}+{p.A1}", "parameters": {"weight": 0.5, "density": 0.5}},
@@ -303,7 +312,10 @@ def batch(request, tmp_path_factory) -> Batch:
     B, F1, F2, F3 = make_checkpoints.build(str(root / "ckpt"), "tiny", "float32", 3, seed=seed, verbose=False)
     perm = torch.randperm(len(TOKENS), generator=torch.Generator().manual_seed(seed)).tolist()
     tok = root / "tok"
-    p = Paths(B, F1, F2, F3,
+    DB, DF = make_checkpoints.build(str(root / "deep"), DEEP, "float32", 1, seed=seed, verbose=False)
+    DN = str(root / "deep" / "near")
+    make_checkpoints.write_model(DN, DEEP, 2, seed, "float32", 1 << 30, delta_scale=NEAR)
+    p = Paths(B, F1, F2, F3, DB, DF, DN,
               _tokenizer_model(Path(B), tok / "base", TOKENS, [], seed),
               _tokenizer_model(Path(F1), tok / "shuffled", [TOKENS[i] for i in perm] + ["x_a"], ["<extra>"], seed + 1),
               _tokenizer_model(Path(F2), tok / "narrow", TOKENS[:-2] + ["x_b", "x_a"], [], seed + 2),

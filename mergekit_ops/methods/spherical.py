@@ -1,8 +1,6 @@
 """Spherical means beyond two-model slerp: nuslerp, multislerp and karcher."""
 from __future__ import annotations
 
-import math
-
 import torch
 
 from ..errors import MergeError
@@ -68,32 +66,42 @@ def merge_multislerp(job: TensorJob) -> torch.Tensor:
 
 
 def merge_karcher(job: TensorJob) -> torch.Tensor:
-    """Riemannian (Karcher) mean of the unit vectors, equal weights, rescaled by the mean norm."""
+    """Riemannian (Karcher) mean of the unit vectors, equal weights, rescaled by the mean norm.
+
+    Every step stays a tensor op in the compute dtype, in mergekit's order: near the fixed point an
+    angle rounds to 0 or to acos' float32 floor (~3e-4), and the `theta < tol` skip then decides
+    which inputs pull, so a step taken in double (or a dot summed in another order) can land on a
+    different fixed point than mergekit's, ~1e-4 away.
+    """
     max_iter, tol = job.params["max_iter"], job.params["tol"]
     vecs = [x.reshape(-1) for x in job.full()[0]]
-    norms = [float(v.norm()) for v in vecs]
-    valid = [(v / n, 1.0) for v, n in zip(vecs, norms) if n > tol]
+    if len(vecs) == 1:
+        return vecs[0].reshape(job.shape)
+    norms = [torch.linalg.vector_norm(v) for v in vecs]
+    valid = [v / n for v, n in zip(vecs, norms) if n.item() > tol]
     if not valid:
         return torch.zeros_like(vecs[0]).reshape(job.shape)
-    alpha = 1.0 / len(valid)
-    units = [u for u, _ in valid]
-    mean = sum(alpha * u for u in units)
-    m_norm = float(mean.norm())
-    mean = mean / m_norm if m_norm >= tol else units[0].clone()
+    share = 1.0 / len(vecs)
+    alpha = share / sum(share for _ in valid)
+    mean = torch.zeros_like(valid[0])
+    for u in valid:
+        mean += alpha * u
+    m_norm = torch.linalg.vector_norm(mean)
+    mean = valid[0].clone() if m_norm.item() < tol else mean / m_norm
     for _ in range(max_iter):
         tangent = torch.zeros_like(mean)
-        for u in units:
-            c = float((mean * u).sum().clamp(-1, 1))
-            theta = math.acos(c)
-            if theta < tol:
+        for u in valid:
+            dot = torch.dot(mean, u).clamp(-1.0, 1.0)
+            theta = torch.arccos(dot)
+            if theta.item() < tol:
                 continue
-            tangent += alpha * (theta / math.sin(theta)) * (u - c * mean)
-        t_norm = float(tangent.norm())
-        if t_norm < tol:
+            tangent += alpha * (theta / torch.sin(theta)) * (u - dot * mean)
+        t_norm = torch.linalg.vector_norm(tangent)
+        if t_norm.item() < tol:
             break
-        mean = math.cos(t_norm) * mean + math.sin(t_norm) * (tangent / t_norm)
-        m_norm = float(mean.norm())
-        if m_norm > tol:
+        mean = torch.cos(t_norm) * mean + torch.sin(t_norm) * (tangent / t_norm)
+        m_norm = torch.linalg.vector_norm(mean)
+        if m_norm.item() > tol:
             mean = mean / m_norm
-    scale = sum(norms) / len(vecs)
-    return (mean * scale).reshape(job.shape)
+    scale = sum(share * n for n in norms)
+    return (scale * mean).reshape(job.shape)
