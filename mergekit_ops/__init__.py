@@ -16,7 +16,7 @@ _EXPORTS = {  # public name: (module, its name there)
     "extract_lora": ("lora_extract", "extract_lora"), "ExtractOptions": ("lora_extract", "ExtractOptions"),
     # what the pipeline (stages/) uses besides merging: checks before a download, progress, safe YAML
     "Checkpoint": ("checkpoint", "Checkpoint"), "is_vocab_tensor": ("vocab", "is_vocab_tensor"),
-    "is_device_name": ("devices", "is_device_name"), "ProgressBar": ("progress", "ProgressBar"),
+    "is_device_name": ("devices", "is_device_name"), "progress_bar": ("progress", "progress_bar"),
     "load_yaml_file": ("safe_yaml", "load_file"), "METHODS": ("methods", "METHODS"),
 }
 __all__ = list(_EXPORTS)

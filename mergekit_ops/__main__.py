@@ -102,25 +102,25 @@ def main(argv: list[str] | None = None) -> int:
         import torch
 
         from .engine import MergeOptions, merge_file
-        from .progress import ProgressBar
+        from .progress import progress_bar
         gc.freeze()
 
-    bar = None if args.quiet else ProgressBar()
-    options = MergeOptions(
-        device=args.device, seed=args.seed, out_shard_size=args.out_shard_size,
-        compute_dtype=getattr(torch, args.compute_dtype), allow_crimes=args.allow_crimes,
-        allow_pickle=args.allow_pickle, copy_tokenizer=args.copy_tokenizer, progress=bar,
-    )
-    code, out = guarded(lambda: merge_file(args.recipe, args.out_dir, options, args.intermediate_dir),
-                        args.out_dir, bar)
+    with progress_bar(not args.quiet) as bar:
+        options = MergeOptions(
+            device=args.device, seed=args.seed, out_shard_size=args.out_shard_size,
+            compute_dtype=getattr(torch, args.compute_dtype), allow_crimes=args.allow_crimes,
+            allow_pickle=args.allow_pickle, copy_tokenizer=args.copy_tokenizer, progress=bar,
+        )
+        code, out = guarded(lambda: merge_file(args.recipe, args.out_dir, options, args.intermediate_dir),
+                            args.out_dir)
     if code == 0 and not args.quiet:
         print(f"merged model written to {out}", file=sys.stderr)
     return code
 
 
-def guarded(work, out_dir: str, bar) -> tuple[int, object]:
+def guarded(work, out_dir: str) -> tuple[int, object]:
     """(0, work()); or, when the input is at fault or the user interrupts, one line on stderr and
-    (exit code, None). The progress bar is closed either way."""
+    (exit code, None)."""
     from .errors import MergeError
 
     try:
@@ -131,9 +131,6 @@ def guarded(work, out_dir: str, bar) -> tuple[int, object]:
     except KeyboardInterrupt:
         print(f"interrupted: {out_dir} is as it was before", file=sys.stderr)
         return 130, None
-    finally:
-        if bar:
-            bar.close()
 
 
 def leave(code: int) -> None:

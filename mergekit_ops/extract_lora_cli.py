@@ -57,13 +57,13 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from .lora_extract import REPORT, ExtractOptions, extract_lora
-    from .progress import ProgressBar
+    from .progress import progress_bar
 
-    bar = None if args.quiet else ProgressBar()
-    options = ExtractOptions(rank=args.rank, target_modules=args.target_modules, embeddings=args.embeddings,
-                             norms=args.norms, dtype=getattr(torch, args.dtype) if args.dtype else None,
-                             base_name=args.base_name, progress=bar)
-    code, report = guarded(lambda: extract_lora(args.model, args.base, args.out_dir, options), args.out_dir, bar)
+    with progress_bar(not args.quiet) as bar:
+        options = ExtractOptions(rank=args.rank, target_modules=args.target_modules, embeddings=args.embeddings,
+                                 norms=args.norms, dtype=getattr(torch, args.dtype) if args.dtype else None,
+                                 base_name=args.base_name, progress=bar)
+        code, report = guarded(lambda: extract_lora(args.model, args.base, args.out_dir, options), args.out_dir)
     if code == 0 and not args.quiet:
         print("\n".join(summary_lines(report)))
         print(f"adapter written to {args.out_dir} (report: {REPORT})", file=sys.stderr)

@@ -59,7 +59,7 @@ class ExtractOptions:
     embeddings: None, "lora" or "full" (see the module doc); norms: copy changed norms whole;
     dtype: of the factors (None: the weight's own; copies always keep it); base_name: the adapter's
     base_model_name_or_path (None: the base reference as given); progress: called as
-    progress(modules done, modules, bytes written), as mergekit_ops.ProgressBar takes it."""
+    progress(modules done, modules, bytes written), as a mergekit_ops.progress_bar takes it."""
 
     rank: int = 16
     target_modules: Sequence[str] | None = None

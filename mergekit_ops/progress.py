@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import sys
 import time
+from contextlib import contextmanager
+from typing import Iterator
 
 
 class ProgressBar:
@@ -24,6 +26,17 @@ class ProgressBar:
         if self._bar is not None:
             self._bar.close()
             self._bar = None
+
+
+@contextmanager
+def progress_bar(show: bool) -> Iterator[ProgressBar | None]:
+    """A ProgressBar when `show` (else None), closed however the work ends."""
+    bar = ProgressBar() if show else None
+    try:
+        yield bar
+    finally:
+        if bar:
+            bar.close()
 
 
 def _make_bar(total: int):

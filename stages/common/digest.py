@@ -47,22 +47,29 @@ def directory_digest(directory: Path, cache_file: Path = CACHE) -> str:
     directory = Path(directory)
     if not directory.is_dir():
         raise FileNotFoundError(f"{directory}: no such model directory")
+    files = artifact_files(directory)
+    paths = [directory / rel for rel in files]
+    sums = file_sums(paths, cache_file)
+    lines = [f"{rel}\0{path.stat().st_size}\0{sums[path]}\n" for rel, path in zip(files, paths)]
+    return "sha256:" + hashlib.sha256("".join(lines).encode()).hexdigest()
+
+
+def file_sums(paths: list[Path], cache_file: Path = CACHE) -> dict[Path, str]:
+    """Each file's sha256, read only where the cache has no sum for the file as it is now."""
     cache = _load(cache_file)
     changed = False
-    lines = []
-    for rel in artifact_files(directory):
-        path = directory / rel
-        st = path.stat()
-        key, stamp = str(path.resolve()), [st.st_size, st.st_mtime_ns, st.st_ino]
+    sums = {}
+    for path in paths:
+        st = Path(path).stat()
+        key, stamp = str(Path(path).resolve()), [st.st_size, st.st_mtime_ns, st.st_ino]
         entry = cache.get(key)
         if entry is None or entry[:3] != stamp:
-            entry = stamp + [file_sha256(path)]
-            cache[key] = entry
+            entry = cache[key] = stamp + [file_sha256(Path(path))]
             changed = True
-        lines.append(f"{rel}\0{st.st_size}\0{entry[3]}\n")
+        sums[path] = entry[3]
     if changed:
         _save(cache_file, cache)
-    return "sha256:" + hashlib.sha256("".join(lines).encode()).hexdigest()
+    return sums
 
 
 def _load(cache_file: Path) -> dict:

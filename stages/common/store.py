@@ -65,10 +65,9 @@ def check_store(uri: str, create: bool = True) -> None:
         for name, value in HTTP_DEFAULTS.items():
             os.environ.setdefault(name, value)
         check_server(uri)
-    elif scheme == "sqlite":
-        check_sqlite(uri, create)
-        db = sqlite_file(uri)
-        if db and db.exists():
+    elif scheme == "sqlite" and (db := sqlite_file(uri)) is not None:
+        check_sqlite(db, create)
+        if db.exists():
             relocate(db)
 
 
@@ -89,12 +88,9 @@ def check_server(uri: str) -> None:
                            "project's mlflow.db)") from None
 
 
-def check_sqlite(uri: str, create: bool = True) -> None:
+def check_sqlite(path: Path, create: bool = True) -> None:
     """An existing store must be an MLflow sqlite DB (read-only check); a missing one is a first run
     (or, for a reader, an error)."""
-    path = sqlite_file(uri)
-    if path is None:
-        return
     if not path.exists():
         if not create:
             raise LineageError(f"no MLflow store at {path}: run in a project's root after `dvc repro`, or set "

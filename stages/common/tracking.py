@@ -19,7 +19,7 @@ import warnings
 from contextlib import contextmanager
 from pathlib import Path
 
-from .digest import directory_digest, file_sha256
+from .digest import directory_digest, file_sums
 from .errors import LineageError
 from .layout import model_dir, parents
 from .recipes import recipe_of, search_origin
@@ -214,14 +214,16 @@ def task_data(suites: dict, suite: str, task: str, split: str) -> Path:
 def evaluation_key(suites: dict, metrics: dict, split: str) -> tuple[str, dict[str, str]]:
     """What produced a split's scores: a digest over each scored suite's settings and the sha256 of
     each task's data, and those settings as run params ({'skills.tasks.add.sha256': ..., ...})."""
+    data = {(suite, task): task_data(suites, suite, task, split)
+            for suite in sorted(metrics) for task in sorted(suites[suite]["tasks"])}
+    sums = file_sums(list(data.values()))  # cached: every model's evaluation reads the same files
     settings: dict[str, str] = {}
     for suite in sorted(metrics):
         conf = {k: v for k, v in suites[suite].items() if k != "tasks"}
         settings.update(flatten(conf, suite))
         for task in sorted(suites[suite]["tasks"]):
-            data = task_data(suites, suite, task, split)
-            settings[f"{suite}.tasks.{task}.data"] = shown_path(data)
-            settings[f"{suite}.tasks.{task}.sha256"] = file_sha256(data)
+            settings[f"{suite}.tasks.{task}.data"] = shown_path(data[suite, task])
+            settings[f"{suite}.tasks.{task}.sha256"] = sums[data[suite, task]]
     unplaced = {k: v for k, v in settings.items() if not k.endswith(".data")}  # paths differ between clones
     return hashlib.sha256(json.dumps(unplaced, sort_keys=True).encode()).hexdigest()[:16], settings
 

@@ -25,7 +25,7 @@ from .modelfile import render
 def export(model_dir: Path, out_dir: Path, type_name: str = "f16", name: str | None = None,
            publisher: str = "mergeforge", progress: bool = False) -> list[str]:
     """Write OUT_DIR's files (see layout.py) from MODEL_DIR; returns the warnings (printed too when `progress`)."""
-    from mergekit_ops import ProgressBar
+    from mergekit_ops import progress_bar
 
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     if type_name not in TYPES:
@@ -45,10 +45,8 @@ def export(model_dir: Path, out_dir: Path, type_name: str = "f16", name: str | N
     staged = staging_dir(out_dir)
     try:
         say(f"writing {GGUF_NAME} ({type_name}) from {model_dir}")
-        bar = ProgressBar() if progress else None
-        written = write_gguf(model_dir, staged / GGUF_NAME, TYPES[type_name], name, config, progress=bar)
-        if bar:
-            bar.close()
+        with progress_bar(progress) as bar:
+            written = write_gguf(model_dir, staged / GGUF_NAME, TYPES[type_name], name, config, progress=bar)
         text, warnings = render(written.vocab, GGUF_NAME)
         warnings = [f"{tensor} stored as {why}" for tensor, why in written.fallbacks.items()] + warnings
         (staged / MODELFILE_NAME).write_text(text, encoding="utf-8")

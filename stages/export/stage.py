@@ -27,18 +27,14 @@ def build(name: str, params: dict, progress: bool = False) -> Path:
 
         export(source, out, spec["type"], spec["model"], spec["publisher"], progress=progress)
         return out
-    from mergekit_ops import ExtractOptions, ProgressBar, extract_lora
+    from mergekit_ops import ExtractOptions, extract_lora, progress_bar
 
     base = model_dir(spec["base"], params)
     hub_id = params["models"].get(spec["base"], {}).get("repo_id")  # what the adapter names as its base
-    bar = ProgressBar() if progress else None
-    options = ExtractOptions(rank=spec["rank"], embeddings=spec["embeddings"], norms=spec["norms"], progress=bar,
-                             base_name=hub_id or str(base))
-    try:
+    with progress_bar(progress) as bar:
+        options = ExtractOptions(rank=spec["rank"], embeddings=spec["embeddings"], norms=spec["norms"], progress=bar,
+                                 base_name=hub_id or str(base))
         extract_lora(str(source), str(base), out, options)
-    finally:
-        if bar:
-            bar.close()
     return out
 
 

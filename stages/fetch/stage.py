@@ -44,7 +44,7 @@ def fetch(name: str, params: dict) -> Path:
 def with_adapter(name: str, spec: dict, out: Path) -> Path:
     """The model's checkpoint with its LoRA adapter merged in, tensor by tensor (mergekit_ops'
     `base+adapter` input), written to `out` as a plain model folder that every stage can read."""
-    from mergekit_ops import MergeOptions, ProgressBar, merge, parse_recipe
+    from mergekit_ops import MergeOptions, merge, parse_recipe, progress_bar
 
     if spec["source"] == "hub":  # pickle-only weights are refused before anything is downloaded
         hub.check_weights_are_safetensors(spec["repo_id"], hub.repo_files(spec["repo_id"], spec["sha"]))
@@ -53,12 +53,8 @@ def with_adapter(name: str, spec: dict, out: Path) -> Path:
     print(f"fetch {name}: {base} with adapter {adapter}", file=sys.stderr)
     recipe = parse_recipe({"merge_method": "passthrough", "models": [{"model": f"{base}+{adapter}"}]},
                           f"model '{name}'")
-    bar = ProgressBar() if sys.stderr.isatty() else None
-    try:
+    with progress_bar(sys.stderr.isatty()) as bar:
         return merge(recipe, out, MergeOptions(progress=bar))
-    finally:
-        if bar:
-            bar.close()
 
 
 def _located(what: str, source: dict, patterns: list[str]) -> Path:

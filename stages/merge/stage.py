@@ -12,7 +12,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from mergekit_ops import MergeError, MergeOptions, ProgressBar, merge, parse_recipe
+from mergekit_ops import MergeError, MergeOptions, merge, parse_recipe, progress_bar
 
 from ..common import tracking
 from ..common.digest import remember
@@ -31,13 +31,9 @@ def build(name: str, params: dict, progress: bool = False) -> Path:
     recipe.rename_models(spec["inputs"])
     out = merge_dir(name, params)
     tracking.connect()
-    bar = ProgressBar() if progress else None
     sums: dict[str, str] = {}  # the weights' sha256, taken as they are written: the digest need not read them
-    try:
+    with progress_bar(progress) as bar:
         merge(recipe, out, MergeOptions(seed=spec.get("seed", 0), device=spec["device"], progress=bar, sha256=sums))
-    finally:
-        if bar:
-            bar.close()
     try:
         remember(out, sums)
         tracking.ensure(name, params)

@@ -70,27 +70,26 @@ def publish(target: str, params: dict) -> str:
             message = f"NOT published: '{name}' failed the gates of conf/publish/{target}.yaml: " + "; ".join(failures)
         else:
             experiment = tracking.experiment()
-            if experiment:  # an experiment moves no production state
-                receipt["experiment"] = experiment
-            else:
-                # the version is the local store's count: it stays in MLflow, so the receipt (and
-                # dvc.lock) are the same bytes for this build on every machine
-                version = tracking.register(name, model_id, spec["alias"])
-                receipt["registry"] = {"name": name, "alias": spec["alias"]}
+            # the version is the local store's count: it stays in MLflow, so the receipt (and
+            # dvc.lock) are the same bytes for this build on every machine
+            version = None if experiment else tracking.register(name, model_id, spec["alias"])
             staged = _stage(target, params, comparison, model_id, tmp / "repo")
             receipt["files"] = {rel: file_sha256(staged / rel) for rel in sorted(artifact_files(staged))}
-            if experiment:
+            if experiment:  # an experiment moves no production state
+                receipt["experiment"] = experiment
                 message = (f"staged {name} for {spec['repo_id']} in {out / 'repo'}; experiment {experiment}: "
                            "not registered" + (" nor pushed" if spec["push"] else ""))
             else:
+                receipt["registry"] = {"name": name, "alias": spec["alias"]}
                 message = (f"staged {name} (registered as version {version}, alias {spec['alias']}) for "
                            f"{spec['repo_id']} in {out / 'repo'} (dry run: `push: true` uploads it)")
-            if spec["push"] and not experiment:
-                pushed = push(staged, spec["repo_id"], spec["private"], f"mergeforge: {name} ({digest})")
-                receipt["hub"] = pushed
-                _tag(model_id, {f"{tracking.TAG}hub.commit": pushed["head"], f"{tracking.TAG}hub.url": pushed["url"]})
-                message = (f"pushed {name} to {pushed['url']}" if pushed["commit"]
-                           else f"{spec['repo_id']} already holds {name} (commit {pushed['head']}): no new commit")
+                if spec["push"]:
+                    pushed = push(staged, spec["repo_id"], spec["private"], f"mergeforge: {name} ({digest})")
+                    receipt["hub"] = pushed
+                    _tag(model_id, {f"{tracking.TAG}hub.commit": pushed["head"],
+                                    f"{tracking.TAG}hub.url": pushed["url"]})
+                    message = (f"pushed {name} to {pushed['url']}" if pushed["commit"] else
+                               f"{spec['repo_id']} already holds {name} (commit {pushed['head']}): no new commit")
             _tag(model_id, {f"{tracking.TAG}gates.{target}": "passed"})
         write_json(tmp / "receipt.json", receipt)
         if out.exists():
