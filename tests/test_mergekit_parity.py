@@ -153,7 +153,8 @@ def all_cases(p: Paths) -> dict[str, Case]:
                                       "models": [{"model": p.VB}, {"model": p.VA, "parameters": {"weight": 0.5}}]}}}),
         # near-parallel inputs: which angles round to 0 decides the fixed point (methods/spherical.py)
         "karcher_near": Case({"merge_method": "karcher", "base_model": p.DB,
-                              "models": [{"model": p.DN}, {"model": p.DF}], "parameters": {"max_iter": 20, "tol": 1e-7}, **fp32}),
+                              "models": [{"model": p.DN}, {"model": p.DF}],
+                              "parameters": {"max_iter": 20, "tol": 1e-7}, **fp32}),
         "lora_linear": Case(lin((f"{p.LB}+{p.A1}", 0.6), (p.LF, 0.4))),
         "lora_ties": Case({"merge_method": "ties", "base_model": p.LB, "models": [
             {"model": f"{p.LB}+{p.A1}", "parameters": {"weight": 0.5, "density": 0.5}},
