@@ -87,6 +87,29 @@ def test_the_stage_writes_a_gguf_and_an_adapter_that_peft_merges_back(tmp_path, 
         torch.testing.assert_close(value, want[name], rtol=1e-4, atol=1e-5)
 
 
+def test_an_export_that_cannot_be_recorded_is_removed(tmp_path, seed, monkeypatch):
+    """The stage records each export in MLflow; when that fails, the built folder goes too, so DVC
+    caches no export the lineage lacks."""
+    from stages.common.errors import LineageError
+    from stages.export import stage
+
+    monkeypatch.chdir(tmp_path)
+    demo_like(tmp_path / "artifacts" / "merges" / "ta", seed)
+    params = {"artifacts": "artifacts", "models": {}, "merges": {"ta": {}},
+              "exports": {"g": {"model": "ta", "kind": "gguf", "type": "f32", "publisher": "me"}}}
+    out = tmp_path / "artifacts" / "exports" / "g"
+    built = []
+
+    def refuse(name, params):
+        built.append((out / "model.gguf").is_file())
+        raise LineageError(f"MLflow at sqlite:///x: cannot record export '{name}'")
+    monkeypatch.setattr(stage.tracking, "connect", lambda: None)
+    monkeypatch.setattr(stage.tracking, "record_export", refuse)
+    with pytest.raises(LineageError, match="cannot record export 'g'"):
+        stage.build_and_record("g", params)
+    assert built == [True] and not out.exists()
+
+
 EXAMPLE_GROUPS = {"local_model": "models", "hub_model": "models", "adapter_model": "models", "linear": "merges",
                   "ties": "merges", "hub_recipe": "merges", "search": "searches", "publish": "publish",
                   "export": "exports"}

@@ -129,6 +129,32 @@ def test_the_audit_sees_an_undeclared_read(built, tmp_path):
     assert missed == sorted(str(project / f"artifacts/eval/{m}.json") for m in ("c", "h", "soup"))
 
 
+def _export_runs(client, experiments: list[str]) -> list:
+    """export-l's runs, whole (search_runs leaves a run's model inputs out)."""
+    found = client.search_runs(experiments, "tags.`mergeforge.dvc_stage` = 'export-l'")
+    return [client.get_run(r.info.run_id) for r in found]
+
+
+def test_an_export_is_recorded_with_the_models_it_was_made_from(built):
+    """export-l's run: its folder's digest, its settings, and as inputs the merge and the base the
+    adapter was extracted from (their LoggedModels as the build recorded them)."""
+    import mlflow
+
+    from stages.common.digest import directory_digest
+
+    project, _, _ = built
+    client = mlflow.MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    (run,) = _export_runs(client, experiments)
+    assert run.data.tags["mergeforge.digest"] == directory_digest(project / "artifacts/exports/l")
+    assert run.data.params["kind"] == "lora" and run.data.params["rank"] == "4" and run.data.params["base"] == "a"
+
+    def model_id(name):
+        (model,) = client.search_logged_models(experiments, filter_string=f"tags.`mergeforge.name` = '{name}'")
+        return model.model_id
+    assert sorted(m.model_id for m in run.inputs.model_inputs) == sorted([model_id("soup"), model_id("a")])
+
+
 def _card(project: Path) -> str:
     return (project / "artifacts/publish/pub/repo/README.md").read_text()
 
@@ -191,8 +217,13 @@ def test_a_teammate_clone_pull_and_repro_gives_the_whole_lineage(built, tmp_path
         assert logged == {f"lm.{task}.perplexity": v for task, v in scores.items()}, name
         assert model.tags["mergeforge.eval.test"].split()[0] in {r.info.run_id for r in client.search_runs(experiments)}
     assert client.get_model_version_by_alias("mix", "candidate").source.startswith("models:/m-")
+    (export,) = _export_runs(client, experiments)  # recorded by the lineage stage: export-l did not run
+    assert sorted(m.model_id for m in export.inputs.model_inputs) == sorted(
+        client.search_logged_models(experiments, filter_string=f"tags.`mergeforge.name` = '{n}'")[0].model_id
+        for n in ("soup", "a"))
     ran, _ = repro(mate, env)  # a second time: the same records, none added
     assert ran == ALWAYS and len(client.search_logged_models(experiments)) == len(params["models"]) + len(params["merges"])
+    assert len(_export_runs(client, experiments)) == 1
     recipe = mate / "conf/merges/soup.yaml"  # an edit not built yet: by hand, sync leaves out what it would change
     recipe.write_text(recipe.read_text().replace("weight: 1.0", "weight: 0.7", 1))
     run([sys.executable, "-m", "stages.compose"], mate, env)

@@ -8,6 +8,8 @@ The tracking store is MLFLOW_TRACKING_URI when set (a team server), else mlflow.
 (see store.py). Records are idempotent: what is already recorded is found, not recorded again, and
 whatever is missing (a fresh store, a build restored from DVC's cache, a teammate's clone) is
 recorded from params.yaml and the files on the way. Weights are never logged: DVC stores them.
+An export (a GGUF, an extracted adapter) gets a run of its own, keyed by its folder's digest, whose
+inputs are the models it was made from.
 """
 from __future__ import annotations
 
@@ -21,7 +23,7 @@ from pathlib import Path
 
 from .digest import directory_digest, file_sums
 from .errors import LineageError
-from .layout import model_dir, parents
+from .layout import export_dir, model_dir, parents
 from .recipes import recipe_of, search_origin
 from .store import EXPERIMENT, artifact_root, check_store, shown_uri
 
@@ -134,6 +136,38 @@ def ensure(name: str, params: dict) -> str:
         # the run's output, not its inputs: MLflow lists an input's registered versions on the run's page
         mlflow.MlflowClient().log_outputs(run.info.run_id, [LoggedModelOutput(model.model_id, 0)])
         return model.model_id
+
+
+def record_export(name: str, params: dict) -> str:
+    """The run of export NAME as its folder is now: found when recorded, else one new run with the
+    export's settings as params and the models it was made from (the merge; a LoRA's base too) as
+    its inputs, so the merge's page leads to the files a runtime loads. Returns the run id."""
+    import mlflow
+    from mlflow.entities import LoggedModelInput
+
+    spec = params["exports"][name]
+    sources = export_inputs(spec)
+    model_ids = [ensure(m, params) for m in sources]
+    folder = export_dir(name, params)
+    tags = {f"{TAG}name": name, f"{TAG}digest": directory_digest(folder), f"{TAG}record": RECORD,
+            f"{TAG}dvc_stage": f"export-{name}", f"{TAG}kind": spec["kind"], f"{TAG}inputs": ",".join(sources),
+            f"{TAG}path": shown_path(folder)} | ({f"{TAG}experiment": experiment()} if experiment() else {})
+    query = " AND ".join(f"tags.`{k}` = '{tags[k]}'" for k in (f"{TAG}name", f"{TAG}digest", f"{TAG}dvc_stage",
+                                                               f"{TAG}record")) + " AND attributes.status = 'FINISHED'"
+    with mlflow_errors(f"cannot record export '{name}'"):
+        found = mlflow.search_runs(filter_string=query, output_format="list", max_results=1)
+        if found:
+            return found[0].info.run_id
+        with mlflow.start_run(run_name=f"export-{name}", tags=tags) as run:
+            mlflow.log_params(flatten(spec))
+            for model_id in model_ids:  # one call per model: the plural log_inputs is Databricks-only
+                mlflow.log_input(model=LoggedModelInput(model_id))
+            return run.info.run_id
+
+
+def export_inputs(spec: dict) -> list[str]:
+    """The models an export is made from: its merge, and a LoRA's base."""
+    return [spec["model"]] + ([spec["base"]] if spec["kind"] == "lora" else [])
 
 
 def _record_source(name: str, params: dict, shown: str, tags: dict) -> str:

@@ -250,9 +250,10 @@ def _lineage_stage(graph: Graph, params: dict, root: Path, code: list[str], code
              + [str(metrics_file(m, params, split)) for m in built if suites for split in split_names(suites)]
              + _suite_data(suites, root)
              + [f for m in graph.merges for f in _found_recipe(m, params)]
-             + [str(publish_dir(target, params)) for target in params["publish"]])
+             + [str(publish_dir(target, params)) for target in params["publish"]]
+             + [str(export_dir(name, params)) for name in params["exports"]])
     return {"cmd": "python -m stages.lineage --sync", "always_changed": True,
-            "deps": code + files, "params": ["models", "merges", "evaluate.suites", "publish"] + code_key}
+            "deps": code + files, "params": ["models", "merges", "evaluate.suites", "publish", "exports"] + code_key}
 
 
 def _suite_data(suites: dict, root: Path) -> list[str]:

@@ -8,11 +8,14 @@ the merge (mergekit_ops' extract_lora).
 """
 from __future__ import annotations
 
+import shutil
 import sys
 from pathlib import Path
 
 from mergekit_ops import MergeError
 
+from ..common import tracking
+from ..common.errors import LineageError
 from ..common.layout import export_dir, model_dir
 from ..common.stage_cli import in_section, run_stage
 from .errors import ExportError
@@ -38,7 +41,22 @@ def build(name: str, params: dict, progress: bool = False) -> Path:
     return out
 
 
+def build_and_record(name: str, params: dict, progress: bool = False) -> Path:
+    """build(), then the export's MLflow run; a build that cannot be recorded is removed, so DVC
+    never caches an export the lineage lacks (as the merge stage does)."""
+    tracking.connect()  # a store that cannot be used fails before the work
+    out = build(name, params, progress)
+    try:
+        tracking.record_export(name, params)
+    except BaseException:
+        shutil.rmtree(out, ignore_errors=True)
+        raise
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
-    return run_stage(argv, "stages.export", "export", in_section("exports"),
-                     lambda name, params: f"exported {name} into {build(name, params, sys.stderr.isatty())}",
-                     (ExportError, MergeError))
+    def action(name: str, params: dict) -> str:
+        return f"exported {name} into {build_and_record(name, params, sys.stderr.isatty())}"
+
+    return run_stage(argv, "stages.export", "export", in_section("exports"), action,
+                     (ExportError, MergeError, LineageError))

@@ -1,8 +1,8 @@
 """Records from what DVC built: every model and merge on disk gets its MLflow record (model,
 parents, params), every metrics file its evaluation run, every published target's receipt its
-registry alias, created from params.yaml and the files where missing. After a teammate's
-`git clone && dvc pull && dvc repro` (which rebuilds no model) the lineage is complete in their
-store, and a team server can be filled the same way.
+registry alias, every export its run, created from params.yaml and the files where missing.
+After a teammate's `git clone && dvc pull && dvc repro` (which rebuilds no model) the lineage is
+complete in their store, and a team server can be filled the same way.
 
 Inside `dvc repro` (the `lineage` stage, after every other) the files are what dvc.lock says. Run
 by hand, `dvc status` says which stages are out of date, and their outputs are left out: a record
@@ -17,7 +17,7 @@ from pathlib import Path
 
 from ..common import tracking
 from ..common.errors import LineageError
-from ..common.layout import ancestors, metrics_file, model_dir, publish_dir
+from ..common.layout import ancestors, export_dir, metrics_file, model_dir, publish_dir
 from ..common.splits import split_names
 from ..common.store import shown_uri
 
@@ -75,6 +75,10 @@ def sync(params: dict, stale: set[str]) -> list[str]:
         receipt = json.loads(receipt_file.read_text())
         if receipt.get("registry") and not tracking.experiment():
             tracking.register(spec["model"], ids[spec["model"]], receipt["registry"]["alias"])
+    for name, spec in params["exports"].items():
+        current = export_dir(name, params).is_dir() and f"export-{name}" not in stale
+        if current and all(m in ids for m in tracking.export_inputs(spec)):
+            tracking.record_export(name, params)
     return skipped
 
 
