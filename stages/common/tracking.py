@@ -100,9 +100,8 @@ def ensure(name: str, params: dict) -> str:
         return existing.model_id
     # the page's name says which build it is; tags.mergeforge.name is the name lookups use
     shown = f"{name}-{digest.partition(':')[2][:8]}"
-    tags = {f"{TAG}name": name, f"{TAG}digest": digest, f"{TAG}path": shown_path(path), f"{TAG}record": RECORD}
-    if experiment():  # made by `dvc exp run`: say which experiment
-        tags[f"{TAG}experiment"] = experiment()
+    tags = {f"{TAG}name": name, f"{TAG}digest": digest, f"{TAG}path": shown_path(path),
+            f"{TAG}record": RECORD} | _experiment_tag()
     if name not in params["merges"]:
         return _record_source(name, params, shown, tags)
     names = parents(name, params)
@@ -151,18 +150,32 @@ def record_export(name: str, params: dict) -> str:
     folder = export_dir(name, params)
     tags = {f"{TAG}name": name, f"{TAG}digest": directory_digest(folder), f"{TAG}record": RECORD,
             f"{TAG}dvc_stage": f"export-{name}", f"{TAG}kind": spec["kind"], f"{TAG}inputs": ",".join(sources),
-            f"{TAG}path": shown_path(folder)} | ({f"{TAG}experiment": experiment()} if experiment() else {})
-    query = " AND ".join(f"tags.`{k}` = '{tags[k]}'" for k in (f"{TAG}name", f"{TAG}digest", f"{TAG}dvc_stage",
-                                                               f"{TAG}record")) + " AND attributes.status = 'FINISHED'"
+            f"{TAG}path": shown_path(folder)} | _experiment_tag()
     with mlflow_errors(f"cannot record export '{name}'"):
-        found = mlflow.search_runs(filter_string=query, output_format="list", max_results=1)
+        found = _recorded_run(tags, ("name", "digest", "dvc_stage", "record"))
         if found:
-            return found[0].info.run_id
+            return found
         with mlflow.start_run(run_name=f"export-{name}", tags=tags) as run:
             mlflow.log_params(flatten(spec))
             for model_id in model_ids:  # one call per model: the plural log_inputs is Databricks-only
                 mlflow.log_input(model=LoggedModelInput(model_id))
             return run.info.run_id
+
+
+def _recorded_run(tags: dict, keys: tuple[str, ...], experiment_ids: list[str] | None = None) -> str | None:
+    """The oldest finished run (in the current experiment, or these) whose tags `keys` equal
+    `tags`': what a stage records is found again, not recorded twice."""
+    import mlflow
+
+    query = " AND ".join(f"tags.`{TAG}{k}` = '{tags[TAG + k]}'" for k in keys) + " AND attributes.status = 'FINISHED'"
+    found = mlflow.search_runs(experiment_ids=experiment_ids, filter_string=query, output_format="list",
+                               order_by=["start_time ASC"], max_results=1)
+    return found[0].info.run_id if found else None
+
+
+def _experiment_tag() -> dict[str, str]:
+    """Tag `mergeforge.experiment` inside `dvc exp run` (its name), else none."""
+    return {f"{TAG}experiment": experiment()} if experiment() else {}
 
 
 def export_inputs(spec: dict) -> list[str]:
@@ -276,15 +289,10 @@ def log_metrics(name: str, model_id: str, metrics: dict, suites: dict, split: st
     model = mlflow.get_logged_model(model_id)
     digest = model.tags[f"{TAG}digest"]
     tags = {f"{TAG}name": name, f"{TAG}digest": digest, f"{TAG}split": split, f"{TAG}evaluation": key,
-            f"{TAG}dvc_stage": f"eval-{name}"} | ({f"{TAG}experiment": experiment()} if experiment() else {})
-    query = " AND ".join(f"tags.`{k}` = '{tags[k]}'" for k in (f"{TAG}name", f"{TAG}digest", f"{TAG}split",
-                                                               f"{TAG}evaluation")) + " AND attributes.status = 'FINISHED'"
+            f"{TAG}dvc_stage": f"eval-{name}"} | _experiment_tag()
     with mlflow_errors(f"cannot log the metrics of '{name}'"):
-        found = mlflow.search_runs(experiment_ids=[model.experiment_id], filter_string=query, output_format="list",
-                                   order_by=["start_time ASC"], max_results=1)
-        if found:
-            run_id = found[0].info.run_id
-        else:
+        run_id = _recorded_run(tags, ("name", "digest", "split", "evaluation"), [model.experiment_id])
+        if run_id is None:
             with mlflow.start_run(run_name=f"eval-{name}{suffix}", tags=tags) as run:
                 mlflow.log_params(settings)
                 for suite, by_kind in sorted(metrics.items()):
